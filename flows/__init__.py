@@ -1,0 +1,1 @@
+"""Orchestration: Prefect flows, the catalog fan-out and the CLI (imports stay lazy)."""

@@ -1,0 +1,119 @@
+"""Artifact keys: sha256 of canonical JSON, identical in every process.
+
+The key covers the stage name, its code version, its resolved parameters, the backend name and its
+weights digest, and the keys of the artifacts (or content digests of external arrays) it reads. Paths and
+prompts never become file names; a prompt can only influence a key through the parameters' hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+KEY_SCHEMA = "v2v-key-1"
+
+
+def _normalise(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _normalise(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_normalise(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"non-finite float {value!r} cannot enter an artifact key")
+        # json writes floats with repr(), the shortest round-trip form: the same in every process.
+        return 0.0 if value == 0 else value  # folds -0.0 into 0.0
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, Path):
+        raise TypeError("file paths never enter artifact keys: hash the file's content instead")
+    raise TypeError(f"cannot put {type(value).__name__} into an artifact key")
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(_normalise(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False)
+
+
+def artifact_key(
+    stage: str,
+    version: str,
+    params: Mapping[str, Any],
+    backend: str,
+    weights_digest: str,
+    inputs: Mapping[str, str],
+) -> str:
+    record = {
+        "schema": KEY_SCHEMA,
+        "stage": stage,
+        "version": version,
+        "params": params,
+        "backend": backend,
+        "weights": weights_digest,
+        "inputs": inputs,
+    }
+    return hashlib.sha256(canonical_json(record).encode("utf-8")).hexdigest()
+
+
+def array_digest(array: np.ndarray) -> str:
+    """Content digest of an array: dtype, shape and bytes (C order)."""
+    arr = np.ascontiguousarray(array)
+    h = hashlib.sha256()
+    h.update(f"{arr.dtype.str}|{arr.shape}|".encode())
+    h.update(memoryview(arr).cast("B"))
+    return h.hexdigest()
+
+
+def _digest_cache_path() -> Path:
+    base = os.environ.get("V2V_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "v2v")
+    return Path(base) / "weights-digests.json"
+
+
+def weights_digest(path: str | os.PathLike[str] | None) -> str:
+    """sha256 over a weights file or folder (relative names + bytes); '' for no weights.
+
+    Hashing a multi-GB folder takes seconds, so digests are memoised by (path, size, mtime) in the user's
+    cache dir; a changed file changes its stat and is hashed again.
+    """
+    if not path:
+        return ""
+    root = Path(path).expanduser().resolve()
+    if not root.exists():
+        raise FileNotFoundError(f"weights not found: {root}")
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    stamp = canonical_json([[str(p.relative_to(root.parent)), p.stat().st_size, p.stat().st_mtime_ns]
+                            for p in files])
+    cache_file = _digest_cache_path()
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    hit = cache.get(str(root))
+    if hit and hit.get("stamp") == stamp:
+        return hit["digest"]
+    h = hashlib.sha256()
+    for p in files:
+        h.update(str(p.relative_to(root if root.is_dir() else root.parent)).encode() + b"\0")
+        with open(p, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    digest = h.hexdigest()
+    cache[str(root)] = {"stamp": stamp, "digest": digest}
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass  # a read-only cache dir only costs a re-hash next time
+    return digest
