@@ -69,12 +69,13 @@ def array_digest(array: np.ndarray) -> str:
     arr = np.ascontiguousarray(array)
     h = hashlib.sha256()
     h.update(f"{arr.dtype.str}|{arr.shape}|".encode())
-    h.update(memoryview(arr).cast("B"))
+    if arr.size:
+        h.update(memoryview(arr).cast("B"))
     return h.hexdigest()
 
 
 def _digest_cache_path() -> Path:
-    base = os.environ.get("V2V_CACHE_DIR") or os.path.join(
+    base = os.environ.get("V2V_DIGEST_CACHE") or os.environ.get("V2V_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "v2v")
     return Path(base) / "weights-digests.json"
 

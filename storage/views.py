@@ -27,7 +27,7 @@ def open_job(store: ArtifactStore | str, job_id: str) -> Any:
         ds = store.open(ArtifactRef(stage, key))
         ds.attrs = {}
         parts.append(ds)
-    merged = xr.merge(parts, compat="no_conflicts", join="exact", combine_attrs="drop")
+    merged = xr.merge(parts, compat="no_conflicts", join="exact", combine_attrs="drop_conflicts")
     merged.attrs.update({"job": job_id, "store": store.url,
                          "artifacts": {s: k for s, k in doc["artifacts"].items()}})
     return merged

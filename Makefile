@@ -1,0 +1,32 @@
+# The README's two commands. Both create .venv on first use and reuse it afterwards.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.v2v-installed
+# pip on this machine prints one warning per package for its empty local mirrors: keep the log readable.
+QUIET_PIP := grep -v "^WARNING: Location 'file:" || true
+
+.PHONY: demo test setup lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e '.[dev]' 2>&1 | $(QUIET_PIP)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/v2v models fetch isnet || echo "warning: IS-Net weights unavailable; the weight-free fallbacks will run"
+	$(BIN)/v2v run catalogs/demo.yaml
+
+test: $(STAMP)
+	$(BIN)/v2v models fetch isnet || echo "warning: IS-Net weights unavailable; tests that need them will skip"
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) v2v-store out
