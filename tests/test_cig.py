@@ -1,0 +1,241 @@
+"""CIG (I2VGen-XL + depth ControlNet + Ctrl-Adapter) end to end on the CPU with tiny random-weight components.
+
+The components are built from configs, saved with ``save_pretrained`` in the StableV2V mirror layout and
+loaded back through ``load_cig`` with ``HF_HUB_OFFLINE=1`` (no hub access, local files only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pytest
+import torch
+
+from stages.nets import cig as cig_mod
+from stages.nets.cig import WindowCond, guided_prediction, load_cig, step_options, window_starts
+from stages.nets.ctrl_adapter import CtrlAdapter, CtrlAdapterConfig, save_ctrl_adapter
+
+CHANNELS = (32, 32, 64, 64)
+SKIP_CHANNELS = (32,) * 7 + (64,) * 5  # conv_in, then per block its resnets and downsampler
+TEXT_DIM, CN_TEXT_DIM = 32, 24  # distinct so a swapped text encoder fails loudly
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is as fast and much faster on a shared, loaded CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@dataclass(frozen=True)
+class Params:  # the GenerateParams fields cig_generate reads
+    prompt: str = "an elephant walking"
+    negative_prompt: str = "blurry, static"
+    seed: int = 7
+    steps: int = 3
+    guidance_scale: float = 9.0
+    controlnet_scale: float = 1.0
+    control_guidance_start: float = 0.0
+    control_guidance_end: float = 1.0
+    fps: int = 16
+    window: int = 3
+    overlap: int = 1
+    dtype: str = "fp32"
+    cpu_offload: bool = False
+
+
+def _tokenizer():
+    from transformers import CLIPTokenizer
+
+    # Byte-level alphabet (GPT-2 mapping) as single-character tokens, no merges: works offline for any text.
+    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    extra = iter(range(256, 512))
+    chars = [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for c in chars:
+            vocab[c + suffix] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Give zero-initialised tensors (ControlNet zero convs, biases) small random values: every path acts."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def build_mirror(root) -> None:
+    from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, I2VGenXLUNet
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
+
+    torch.manual_seed(0)
+    base, sd15 = root / "i2vgenxl", root / "stable-diffusion-v1.5"
+    I2VGenXLUNet(block_out_channels=CHANNELS, layers_per_block=2, norm_num_groups=32,
+                 cross_attention_dim=TEXT_DIM, attention_head_dim=8).save_pretrained(base / "unet")
+    AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                  block_out_channels=(8, 8, 16, 16), norm_num_groups=8, layers_per_block=1,
+                  latent_channels=4).save_pretrained(base / "vae")
+    text = dict(vocab_size=514, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    CLIPTextModel(CLIPTextConfig(hidden_size=TEXT_DIM, **text)).save_pretrained(base / "text_encoder")
+    CLIPTextModel(CLIPTextConfig(hidden_size=CN_TEXT_DIM, **text)).save_pretrained(sd15 / "text_encoder")
+    for folder in (base / "tokenizer", sd15 / "tokenizer"):
+        _tokenizer().save_pretrained(folder)
+    CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+        patch_size=8, projection_dim=TEXT_DIM)).save_pretrained(base / "image_encoder")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        base / "feature_extractor")
+    DDIMScheduler(**cig_mod.SCHEDULER_SETTINGS).save_pretrained(base / "scheduler")
+    controlnet = ControlNetModel(block_out_channels=CHANNELS, layers_per_block=2, attention_head_dim=8,
+                                 cross_attention_dim=CN_TEXT_DIM,
+                                 conditioning_embedding_out_channels=(8, 16, 16, 32))
+    _randomise(controlnet, 1).save_pretrained(root / "controlnet-depth")
+    adapter_cfg = CtrlAdapterConfig(
+        num_blocks=1, num_frames=16, cross_attention_dim=TEXT_DIM, add_temporal_resnet=True,
+        add_temporal_transformer=True, add_adapter_location_A=True, add_adapter_location_B=True,
+        add_adapter_location_C=True, add_adapter_location_D=True, add_adapter_location_M=True,
+        down_channels=SKIP_CHANNELS, mid_channels=CHANNELS[-1], attention_head_dim=16, inner_heads=2)
+    save_ctrl_adapter(_randomise(CtrlAdapter(adapter_cfg), 2), str(root / "ctrl-adapter-i2vgenxl-depth"))
+
+
+@pytest.fixture(scope="module")
+def cig(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cig_weights")
+    build_mirror(root)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        model = load_cig(str(root), "cpu")
+    return model
+
+
+def _inputs(n: int = 5, h: int = 64, w: int = 128):
+    yy, xx = np.mgrid[0:h, 0:w]
+    frame = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) % 256], -1).astype(np.uint8)
+    depth = np.stack([(yy / h * 0.8 + 0.1 * t / n) for t in range(n)]).astype(np.float16)
+    return frame, depth
+
+
+def test_windows_cover_the_clip():
+    assert window_starts(5, 3, 1) == [0, 2]
+    assert window_starts(16, 16, 1) == [0]
+    assert window_starts(40, 16, 4) == [0, 12, 24]
+    assert window_starts(20, 16, 1) == [0, 4]  # the last window is pulled back to end at the last frame
+    with pytest.raises(ValueError):
+        window_starts(10, 4, 4)
+
+
+def test_generate_windows_non_square_and_deterministic(cig, monkeypatch):
+    frame, depth = _inputs()
+    seen: list[np.ndarray] = []
+    original = cig_mod._image_conditioning
+
+    def spy(model, first, *args, **kwargs):
+        seen.append(first.copy())
+        return original(model, first, *args, **kwargs)
+
+    monkeypatch.setattr(cig_mod, "_image_conditioning", spy)
+    out = cig_mod.cig_generate(cig, frame, depth, Params())
+    assert out.shape == (5, 64, 128, 3) and out.dtype == np.uint8
+    assert out.std() > 1.0  # not a constant image
+    # Two windows ([0,3) and [2,5)); the second is conditioned on output frame 2, which it keeps.
+    assert len(seen) == 2
+    np.testing.assert_array_equal(seen[0], frame)
+    np.testing.assert_array_equal(seen[1], out[2])
+    again = cig_mod.cig_generate(cig, frame, depth, Params())
+    np.testing.assert_array_equal(out, again)
+    other = cig_mod.cig_generate(cig, frame, depth, Params(seed=8))
+    assert np.abs(other.astype(int) - out).max() > 0
+
+
+def test_depth_acts_only_inside_the_control_window(cig):
+    frame, depth = _inputs(n=3)
+    flipped = depth[:, ::-1].copy()
+    p = Params(window=0, steps=2)
+    on_a, on_b = (cig_mod.cig_generate(cig, frame, d, p) for d in (depth, flipped))
+    assert np.abs(on_a.astype(int) - on_b).max() > 0
+    off = replace(p, control_guidance_end=0.0)  # ControlNet branch never on
+    off_a, off_b = (cig_mod.cig_generate(cig, frame, d, off) for d in (depth, flipped))
+    np.testing.assert_array_equal(off_a, off_b)
+    # Scale 0 is the same as no control at all.
+    zero_scale = cig_mod.cig_generate(cig, frame, depth, replace(p, controlnet_scale=0.0))
+    np.testing.assert_array_equal(zero_scale, off_a)
+
+
+def test_bad_inputs_are_rejected(cig):
+    frame, depth = _inputs()
+    with pytest.raises(ValueError, match="multiple of 64"):
+        cig_mod.cig_generate(cig, frame[:48], depth[:, :48], Params())
+    with pytest.raises(ValueError, match="0..1"):
+        cig_mod.cig_generate(cig, frame, (depth * 255).astype(np.float16), Params())
+
+
+def _cond(cig, f: int = 3):
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    cond = WindowCond(prompt_embeds=r(2, 77, TEXT_DIM), cn_prompt_embeds=r(2, 77, CN_TEXT_DIM),
+                      image_latents=r(1, 4, f, 8, 16), image_embeds=r(1, 1, TEXT_DIM),
+                      control=torch.rand(f, 3, 64, 128, generator=g), fps=16)
+    return cond, r(1, 4, f, 8, 16)
+
+
+def test_memory_options_do_not_change_the_prediction(cig):
+    cond, latents = _cond(cig)
+    t = torch.tensor(501)
+    with torch.no_grad():
+        ref = guided_prediction(cig, latents, t, cond, step_options(Params()), True)
+        for opts in ({"split_cfg": True}, {"controlnet_batch": 1}, {"controlnet_batch": 5}):
+            p = type("P", (), {**Params().__dict__, **opts})()
+            got = guided_prediction(cig, latents, t, cond, step_options(p), True)
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_hooks_add_residuals_to_the_matching_skips(cig):
+    """Skips seen by each up block and the mid output differ exactly by the injected residuals."""
+    cond, latents = _cond(cig, f=2)
+    unet = cig.unet
+    captured: dict[str, list] = {"skips": [], "mid": []}
+    def grab(_m, _a, kwargs):
+        captured["skips"].append(kwargs["res_hidden_states_tuple"])
+
+    hooks = [b.register_forward_pre_hook(grab, with_kwargs=True) for b in unet.up_blocks]
+    hooks.append(unet.mid_block.register_forward_hook(lambda m, a, o: captured["mid"].append(o)))
+
+    def run(down, mid):
+        with torch.no_grad(), cig.injector.active(down, mid):
+            unet(latents, torch.tensor(301), fps=torch.tensor([16]),
+                 image_latents=cond.image_latents[:, :, :2], image_embeddings=cond.image_embeds[0],
+                 encoder_hidden_states=cond.prompt_embeds[1:], return_dict=False)
+
+    g = torch.Generator().manual_seed(1)
+    try:
+        run(None, None)
+        shapes = [s.shape for block in reversed(captured["skips"]) for s in block]
+        down = [torch.randn(s, generator=g) for s in shapes]
+        mid = torch.randn(captured["mid"][0].shape, generator=g)
+        base_skips, base_mid = captured["skips"], captured["mid"][0]
+        captured["skips"], captured["mid"] = [], []
+        run(down, mid)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert [s[1] for s in shapes] == list(SKIP_CHANNELS)
+    # The mid residual is added after the mid block; the first up block's skips are then unchanged inputs.
+    torch.testing.assert_close(captured["mid"][0] - base_mid, mid, atol=1e-5, rtol=0)
+    flat_base = [s for block in reversed(base_skips) for s in block]
+    flat_new = [s for block in reversed(captured["skips"]) for s in block]
+    for old, new, res in zip(flat_base, flat_new, down, strict=True):
+        torch.testing.assert_close(new - old, res, atol=1e-5, rtol=0)
