@@ -8,10 +8,11 @@ Run: .venv/bin/python bench/store.py [--repeat 5]
 from __future__ import annotations
 
 import argparse
-import os
+import itertools
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -32,62 +33,63 @@ def bear_arrays() -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
             "flows": (flows, ("pair", "y", "x", "component"))}
 
 
-def du(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+def disk_bytes(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
 
 
-def best(fn, repeat: int) -> float:
+def best_seconds(fn: Callable[[], object], repeat: int) -> float:
     times = []
     for _ in range(repeat):
-        t = time.perf_counter()
+        start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t)
+        times.append(time.perf_counter() - start)
     return min(times)
+
+
+def measure(name: str, data: np.ndarray, dims: tuple[str, ...], tmp: Path, repeat: int) -> dict[str, float]:
+    mb = data.nbytes / 1e6
+    npy = tmp / f"{name}.npy"
+    store = ArtifactStore(tmp / "store")
+    keys = (f"{i:064x}" for i in itertools.count())  # a fresh key per write: no cache hits
+
+    def write_store() -> None:
+        store.write(ArtifactRef(name, next(keys)), {name: data}, {name: dims}, {})
+
+    row = {"MB": mb}
+    row["npy_write"] = mb / best_seconds(lambda: np.save(npy, data), repeat)
+    row["npy_read"] = mb / best_seconds(lambda: np.load(npy), repeat)
+    row["npy_bytes"] = disk_bytes(npy) / 1e6
+    row["zarr_write"] = mb / best_seconds(write_store, repeat)
+    first = ArtifactRef(name, f"{0:064x}")
+    row["zarr_read"] = mb / best_seconds(lambda: store.read(first), repeat)
+    row["zarr_bytes"] = disk_bytes(tmp / "store" / first.path) / 1e6
+    assert np.array_equal(store.read(first)[name], data)
+    return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
-    arrays = bear_arrays()
     tmp = Path(tempfile.mkdtemp(prefix="v2v-bench-store-"))
-    rows = []
     try:
-        for name, (data, dims) in arrays.items():
-            mb = data.nbytes / 1e6
-            npy = tmp / f"{name}.npy"
-
-            def write_npy() -> None:
-                np.save(npy, data)
-                with open(npy, "rb+") as fh:
-                    os.fsync(fh.fileno()) if False else None
-
-            w_npy = best(write_npy, args.repeat)
-            r_npy = best(lambda: np.load(npy), args.repeat)
-            counter = iter(range(10**6))
-            store = ArtifactStore(tmp / "store")
-
-            def write_store() -> None:
-                key = f"{next(counter):064x}"
-                store.write(ArtifactRef(name, key), {name: data}, {name: dims}, {})
-
-            w_store = best(write_store, args.repeat)
-            ref = ArtifactRef(name, f"{0:064x}")
-            r_store = best(lambda: store.read(ref), args.repeat)
-            assert np.array_equal(store.read(ref)[name], data)
-            rows.append((name, data.shape, data.dtype, mb, mb / w_npy, mb / r_npy, du(npy) / 1e6,
-                         mb / w_store, mb / r_store, du(tmp / "store" / ref.path) / 1e6))
+        rows = {name: measure(name, data, dims, tmp, args.repeat)
+                for name, (data, dims) in bear_arrays().items()}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    head = (f"{'array':7} {'shape':20} {'MB':>6} | {'npy write':>10} {'npy read':>9} {'npy MB':>7} | "
+    head = (f"{'array':7} {'MB':>6} | {'npy write':>10} {'npy read':>9} {'npy MB':>7} | "
             f"{'zarr write':>10} {'zarr read':>9} {'zarr MB':>8} | {'read x':>6} {'write x':>7} {'size x':>6}")
     print(head)
     print("-" * len(head))
-    for name, shape, dtype, mb, wn, rn, sn, wz, rz, sz in rows:
-        print(f"{name:7} {str(shape) + ' ' + str(dtype):20} {mb:6.1f} | {wn:8.0f}/s {rn:7.0f}/s {sn:7.1f} | "
-              f"{wz:8.0f}/s {rz:7.0f}/s {sz:8.1f} | {rz / rn:6.2f} {wn / wz:7.2f} {sn / sz:6.2f}")
-    print("MB/s (best of", args.repeat, "); read x = zarr read speed / npy read speed (goal >= 1); "
-          "write x = npy write speed / zarr write speed (goal <= 2); size x = npy bytes / zarr bytes (goal > 1)")
+    for name, r in rows.items():
+        print(f"{name:7} {r['MB']:6.1f} | {r['npy_write']:8.0f}/s {r['npy_read']:7.0f}/s {r['npy_bytes']:7.1f} | "
+              f"{r['zarr_write']:8.0f}/s {r['zarr_read']:7.0f}/s {r['zarr_bytes']:8.1f} | "
+              f"{r['zarr_read'] / r['npy_read']:6.2f} {r['npy_write'] / r['zarr_write']:7.2f} "
+              f"{r['npy_bytes'] / r['zarr_bytes']:6.2f}")
+    print(f"MB/s, best of {args.repeat}. read x = zarr read / npy read speed (goal >= 1); write x = npy write / "
+          "zarr write speed (goal <= 2); size x = npy bytes / zarr bytes (goal > 1)")
 
 
 if __name__ == "__main__":

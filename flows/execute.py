@@ -52,8 +52,11 @@ class StageCall:
 
 
 def make_call(stage: Stage | str, *, params: Mapping[str, Any] | None = None, backend: str | None = None,
-              inputs: Mapping[str, Upstream | np.ndarray], weights: str | None = None) -> StageCall:
-    """Resolve parameters and backend, keep the inputs the backend uses, and compute the key."""
+              inputs: Mapping[str, Upstream | np.ndarray | str], weights: str | None = None) -> StageCall:
+    """Resolve parameters and backend, keep the inputs the backend uses, and compute the key.
+
+    An external input may be given as its array or as its content digest (``array_digest``) when the
+    caller knows it without loading the array (the flows' fingerprint index)."""
     st = get_stage(stage) if isinstance(stage, str) else stage
     be = st.backend(backend)
     resolved = st.resolve_params(params).model_dump(mode="json")
@@ -62,7 +65,8 @@ def make_call(stage: Stage | str, *, params: Mapping[str, Any] | None = None, ba
     if missing:
         raise ValueError(f"stage {st.name!r} ({be.name}) needs inputs {missing}")
     srcs: dict[str, Upstream | str] = {
-        n: inputs[n] if isinstance(inputs[n], Upstream) else array_digest(np.asarray(inputs[n])) for n in used}
+        n: inputs[n] if isinstance(inputs[n], (Upstream, str)) else array_digest(np.asarray(inputs[n]))
+        for n in used}
     wdigest = weights_digest(weights) if (be.needs_weights or weights) else ""
     call = StageCall(st.name, be.name, resolved, srcs, weights if be.load else None, wdigest)
     key = artifact_key(st.name, st.version, resolved, be.name, wdigest, call.input_keys())

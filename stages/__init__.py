@@ -23,6 +23,7 @@ simulated_depth      frame, y, x                    float16                 dept
 hole_masks           frame, y, x                    bool                    refine
 refined_depth        frame, y, x                    float16                 refine
 video                frame, y, x, channel           uint8 RGB               generate
+warping_error ...    pair / frame / () (metrics)    float32                 evaluate (see its module)
 ===================  =============================  ======================  ==========================
 
 Stage modules import only numpy/OpenCV/pydantic at module level; torch, onnxruntime, diffusers and
@@ -47,6 +48,7 @@ PIPELINE: tuple[str, ...] = (
     "depth_sim",
     "refine",
     "generate",
+    "evaluate",
 )
 
 

@@ -149,7 +149,7 @@ class ArtifactStore:
         group = zarr.open_group(store=store, mode="w", zarr_format=3)
         group.attrs.update(json.loads(json.dumps(attrs)))
         for name, data in arrays.items():
-            data = np.ascontiguousarray(data)
+            data = np.asarray(data, order="C")  # keeps 0-d arrays 0-d (ascontiguousarray makes them 1-d)
             if len(dims[name]) != data.ndim:
                 raise ValueError(f"array {name!r}: dims {dims[name]} do not match shape {data.shape}")
             chunks = (1, *data.shape[1:]) if chunk_axis0 and data.ndim >= 3 else data.shape

@@ -1,0 +1,310 @@
+"""Catalogs: the jobs of a batch (YAML, CSV or Parquet), validated row by row.
+
+A catalog lists jobs: an id, a source clip, optional masks, the edit mode and its input (an edited first
+frame, an instruction, a reference image or a sketch), a prompt, a seed and per-stage overrides. Paths are
+relative to the catalog file. YAML catalogs may carry ``defaults:`` merged into every row::
+
+    defaults:
+      params: {ingest: {n_frames: 16}}
+    jobs:
+      - id: bear-elephant
+        source: ../tests/data/bear/frames
+        masks: ../tests/data/bear/mask-00000.png
+        first_frame: ../tests/data/bear/edited-first-frame-elephant.png
+        prompt: an elephant walking on the rocks in a zoo
+
+CSV/Parquet columns are the same field names; ``<stage>.<param>`` columns set parameters and
+``backend.<stage>`` columns set backends. A bad row does not stop the catalog: it becomes a
+:class:`RowError` naming its line and field, and the other rows run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+EditMode = Literal["provided", "instruction", "reference", "sketch", "inpaint"]
+
+# The edit stage's backend for each mode (a row's ``backends: {edit: ...}`` overrides it).
+EDIT_MODE_BACKENDS: dict[str, str] = {
+    "provided": "provided",
+    "instruction": "instructpix2pix",
+    "reference": "paint-by-example",
+    "sketch": "sketch",
+    "inpaint": "sd-inpaint",
+}
+# The external array each mode hands to the edit stage.
+EDIT_MODE_INPUTS: dict[str, str | None] = {
+    "provided": "first_frame_image",
+    "instruction": None,
+    "reference": "reference_image",
+    "sketch": "sketch_image",
+    "inpaint": None,
+}
+PATH_FIELDS = ("source", "masks", "first_frame", "reference", "sketch", "shape")
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class CatalogError(ValueError):
+    """The catalog file as a whole cannot be read (missing, unparseable, wrong shape)."""
+
+
+class Job(BaseModel):
+    """One edit: validated, with paths resolved against the catalog's folder."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    source: Path
+    masks: Path | None = None
+    mode: EditMode | None = None
+    first_frame: Path | None = None
+    instruction: str | None = None
+    reference: Path | None = None
+    sketch: Path | None = None
+    shape: Path | None = Field(None, description="optional mask of the edited shape (provided_shape)")
+    prompt: str = ""
+    negative_prompt: str | None = None
+    seed: int | None = Field(None, ge=0)
+    params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    backends: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> Job:
+        if not _ID.match(self.id):
+            raise ValueError(f"id {self.id!r}: use letters, digits, '.', '_' and '-' (max 128, no leading "
+                             "punctuation)")
+        mode = self.mode or self.inferred_mode()
+        if mode is None:
+            raise ValueError("no edit input: give first_frame, instruction, reference or sketch (or mode)")
+        needs = {"provided": "first_frame", "instruction": "instruction", "reference": "reference",
+                 "sketch": "sketch", "inpaint": "prompt"}[mode]
+        if not getattr(self, needs):
+            raise ValueError(f"mode {mode!r} needs field {needs!r}")
+        if mode != self.mode:
+            object.__setattr__(self, "mode", mode)
+        for name in PATH_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not value.exists():
+                raise ValueError(f"{name}: no such file or folder: {value}")
+        return self
+
+    def inferred_mode(self) -> EditMode | None:
+        for mode, field in (("provided", "first_frame"), ("sketch", "sketch"), ("reference", "reference"),
+                            ("instruction", "instruction")):
+            if getattr(self, field):
+                return mode  # type: ignore[return-value]
+        return None
+
+    @property
+    def edit_backend(self) -> str:
+        return self.backends.get("edit") or EDIT_MODE_BACKENDS[self.mode or "provided"]
+
+    def common_params(self) -> dict[str, Any]:
+        """Job-level values given to every stage whose parameters have a field of that name."""
+        out: dict[str, Any] = {"prompt": self.prompt}
+        if self.negative_prompt is not None:
+            out["negative_prompt"] = self.negative_prompt
+        if self.seed is not None:
+            out["seed"] = self.seed
+        if self.instruction is not None:
+            out["instruction"] = self.instruction
+        return out
+
+
+@dataclass(frozen=True)
+class RowError:
+    """A row that failed validation: reported as a failed job, the others still run."""
+
+    job_id: str
+    where: str  # "catalogs/x.yaml line 12"
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}, field {self.field!r}: {self.message}"
+
+
+@dataclass
+class Catalog:
+    path: Path | None
+    entries: list[Job | RowError]  # in file order
+
+    @property
+    def jobs(self) -> list[Job]:
+        return [e for e in self.entries if isinstance(e, Job)]
+
+    @property
+    def errors(self) -> list[RowError]:
+        return [e for e in self.entries if isinstance(e, RowError)]
+
+    @property
+    def name(self) -> str:
+        return self.path.stem if self.path else "adhoc"
+
+
+# ---- reading ----------------------------------------------------------------------------------------
+
+def load_catalog(path: str | Path) -> Catalog:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CatalogError(f"{path}: no such catalog file")
+    suffix = path.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        rows, defaults = _yaml_rows(path)
+    elif suffix == ".csv":
+        rows, defaults = _csv_rows(path), {}
+    elif suffix in (".parquet", ".pq"):
+        rows, defaults = _parquet_rows(path), {}
+    else:
+        raise CatalogError(f"{path}: unknown catalog format {suffix!r} (use .yaml, .csv or .parquet)")
+    return build_catalog(rows, base=path.parent, defaults=defaults, source=path)
+
+
+def build_catalog(rows: list[tuple[str, dict[str, Any]]], *, base: Path, defaults: Mapping[str, Any] | None = None,
+                  source: Path | None = None) -> Catalog:
+    """Validate ``(where, row)`` pairs; paths relative to ``base``."""
+    entries: list[Job | RowError] = []
+    seen: set[str] = set()
+    for i, (where, row) in enumerate(rows):
+        job_id = str(row.get("id") or f"row-{i + 1}")
+        if "__bad__" in row:
+            entries.append(RowError(job_id, where, "(row)", "a job must be a mapping of fields"))
+            continue
+        merged = _merge(dict(defaults or {}), row)
+        for name in PATH_FIELDS:
+            if merged.get(name) not in (None, ""):
+                merged[name] = (base / str(merged[name])).resolve() if not Path(str(merged[name])).is_absolute() \
+                    else Path(str(merged[name]))
+        if job_id in seen:
+            entries.append(RowError(job_id, where, "id", f"duplicate job id {job_id!r}"))
+            continue
+        seen.add(job_id)
+        try:
+            job = Job.model_validate(merged)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            msg = err["msg"].removeprefix("Value error, ")
+            field = ".".join(str(p) for p in err["loc"])
+            if not field:  # a cross-field check: its message starts with the field's name
+                head, sep, rest = msg.partition(": ")
+                field, msg = (head, rest) if sep and head in (*PATH_FIELDS, "id") else ("(row)", msg)
+            entries.append(RowError(job_id, where, field, msg))
+            continue
+        entries.append(job)
+    return Catalog(source, entries)
+
+
+def _merge(base: dict[str, Any], row: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in row.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def _yaml_rows(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, Any]]:
+    import yaml
+
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+        node = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        raise CatalogError(f"{path}: not valid YAML ({exc})") from None
+    defaults: dict[str, Any] = {}
+    seq_node = node
+    if isinstance(data, dict):
+        unknown = set(data) - {"jobs", "defaults", "name", "description"}
+        if unknown:
+            raise CatalogError(f"{path}: unknown top-level keys {sorted(unknown)} (expected jobs, defaults)")
+        defaults = data.get("defaults") or {}
+        if not isinstance(defaults, dict):
+            raise CatalogError(f"{path}: 'defaults' must be a mapping")
+        data = data.get("jobs")
+        seq_node = next((v for k, v in node.value if k.value == "jobs"), None)
+    if not isinstance(data, list):
+        raise CatalogError(f"{path}: expected a list of jobs (or a mapping with 'jobs:')")
+    lines = [item.start_mark.line + 1 for item in seq_node.value] if seq_node is not None else []
+    rows = []
+    for i, row in enumerate(data):
+        where = f"{path} line {lines[i] if i < len(lines) else '?'}"
+        rows.append((where, row if isinstance(row, dict) else {"id": f"row-{i + 1}", "__bad__": row}))
+    return rows, defaults
+
+
+def _table_row(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat columns -> a job mapping: ``stage.param`` and ``backend.stage`` columns nest; blanks drop."""
+    row: dict[str, Any] = {}
+    for key, value in raw.items():
+        if value is None or (isinstance(value, str) and value.strip() == ""):
+            continue
+        if isinstance(value, float) and value != value:  # NaN from Parquet/pandas
+            continue
+        key = str(key).strip()
+        if key in ("params", "backends") and isinstance(value, str):
+            try:
+                row[key] = json.loads(value)
+            except json.JSONDecodeError:
+                row[key] = value  # pydantic reports the field
+        elif key.startswith(("backend.", "backends.")):
+            row.setdefault("backends", {})[key.split(".", 1)[1]] = value
+        elif "." in key:
+            stage, param = key.split(".", 1)
+            row.setdefault("params", {}).setdefault(stage, {})[param] = _scalar(value)
+        else:
+            row[key] = value if key not in ("seed",) else _scalar(value)
+    return row
+
+
+def _scalar(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    import yaml
+
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
+def _csv_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or "id" not in reader.fieldnames:
+            raise CatalogError(f"{path}: a CSV catalog needs a header row with at least 'id' and 'source'")
+        rows = []
+        for raw in reader:
+            rows.append((f"{path} line {reader.line_num}", _table_row(raw)))
+    return rows
+
+
+def _parquet_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:
+        raise CatalogError(f"{path}: unreadable Parquet file ({exc})") from None
+    return [(f"{path} row {i + 1}", _table_row(raw)) for i, raw in enumerate(table.to_pylist())]
+
+
+def single_job(source: str | Path, *, prompt: str, job_id: str | None = None, base: Path | None = None,
+               **fields: Any) -> Catalog:
+    """A one-job catalog for ``v2v edit`` (paths relative to the working directory)."""
+    src = Path(source)
+    # A frame folder is often called "frames": name the job after the clip's folder then.
+    name = src.resolve().parent.name if src.name.lower() in ("frames", "images", "jpegimages", "rgb") else src.stem
+    row = {"id": job_id or re.sub(r"[^A-Za-z0-9._-]+", "-", name or "video").strip("-.") or "video",
+           "source": str(source), "prompt": prompt,
+           **{k: (str(v) if isinstance(v, Path) else v) for k, v in fields.items() if v not in (None, {}, "")}}
+    return build_catalog([("command line", row)], base=base or Path.cwd())

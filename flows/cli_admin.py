@@ -1,0 +1,157 @@
+"""``v2v store ls|verify|gc``, ``v2v models fetch|list`` and ``v2v schedule`` (kept apart from the run commands)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from flows.cli_common import ProfileOpt, StoreOpt, _console, fail
+
+
+def _store(store: str | None, profile: str | None) -> Any:
+    from flows.runs import resolve
+
+    return resolve(profile, store, None)[1]
+
+
+def store_ls(store: StoreOpt = None, profile: ProfileOpt = None) -> None:
+    """Jobs and artifacts in the store (count and size per stage)."""
+    from rich.table import Table
+
+    st = _store(store, profile)
+    console = _console()
+    stages: dict[str, list[int]] = {}
+    for ref, _ in st.iter_artifacts():
+        try:
+            size = sum(st.fs.du(f"{st.root}/{ref.path}", total=True) for _ in [0])
+        except Exception:
+            size = 0
+        entry = stages.setdefault(ref.stage, [0, 0])
+        entry[0] += 1
+        entry[1] += int(size)
+    table = Table(title=f"artifacts in {st.url}", header_style="bold")
+    for col in ("stage", "artifacts", "MB"):
+        table.add_column(col)
+    for stage, (n, size) in sorted(stages.items()):
+        table.add_row(stage, str(n), f"{size / 1e6:.1f}")
+    console.print(table)
+    jobs = Table(title="jobs", header_style="bold")
+    for col in ("job", "status", "stages", "outputs"):
+        jobs.add_column(col, overflow="fold")
+    for job_id in st.jobs():
+        doc = st.job(job_id)
+        outputs = doc.get("outputs") or {}
+        jobs.add_row(job_id, str(doc.get("status", "")), str(len(doc.get("artifacts", {}))),
+                     outputs.get("mp4") or outputs.get("contact_sheet") or (doc.get("error") or ""))
+    console.print(jobs)
+
+
+def store_verify(store: StoreOpt = None, profile: ProfileOpt = None) -> None:
+    """Re-read every artifact and compare its checksums; non-zero exit when any is damaged."""
+    from storage.maintenance import verify
+
+    st = _store(store, profile)
+    console = _console()
+    with console.status("verifying checksums…"):
+        report = verify(st)
+    for ref, why in report.damaged:
+        console.print(f"[red]damaged[/] {ref.path}: {why}")
+    console.print(f"{report.checked} artifact(s) checked, {len(report.damaged)} damaged")
+    raise typer.Exit(1 if report.damaged else 0)
+
+
+def store_gc(store: StoreOpt = None, profile: ProfileOpt = None,
+             dry_run: Annotated[bool, typer.Option("--dry-run", help="only list what would go")] = False,
+             keep_unreferenced: Annotated[bool, typer.Option(
+                 "--keep-unreferenced", help="keep artifacts no job refers to")] = False,
+             min_age: Annotated[float, typer.Option(
+                 "--min-age", help="seconds: younger leftovers may be writes in progress")] = 3600.0) -> None:
+    """Remove write leftovers, incomplete artifacts and (unless told) artifacts no job refers to."""
+    from storage.maintenance import gc
+
+    st = _store(store, profile)
+    report = gc(st, keep_unreferenced=keep_unreferenced, min_age_s=min_age, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    console = _console()
+    for ref in report.removed_unreferenced:
+        console.print(f"{verb} unreferenced {ref.path}")
+    console.print(f"{verb}: {len(report.removed_temp)} temporary, {len(report.removed_incomplete)} incomplete, "
+                  f"{len(report.removed_unreferenced)} unreferenced")
+
+
+def fetch_model(name: str) -> Path:
+    """``stages.models.fetch`` accepting short names (isnet -> isnet-medium)."""
+    from stages import models
+
+    names = [name] + [n for n in models.MODELS if n.split("-")[0] == name and n != name]
+    known = [n for n in names if n in models.MODELS]
+    if not known:
+        raise models.MissingWeightsError(f"unknown model {name!r}; known: {sorted(models.MODELS)}")
+    return models.fetch(known[0])
+
+
+def models_fetch(name: Annotated[str, typer.Argument(help="model name, e.g. isnet")]) -> None:
+    """Fetch a model's weights into the cache (only IS-Net can be fetched automatically)."""
+    from stages.models import FetchError
+
+    console = _console()
+    try:
+        with console.status(f"fetching {name}…"):
+            path = fetch_model(name)
+    except FetchError as exc:
+        fail(str(exc), code=1)
+    console.print(f"{name}: [cyan]{path}[/]")
+
+
+def models_list() -> None:
+    """Known models, whether they are cached, and where they come from."""
+    from rich.table import Table
+
+    from stages import models
+
+    table = Table(header_style="bold")
+    for col in ("model", "cached", "source"):
+        table.add_column(col, overflow="fold")
+    for name, spec in models.MODELS.items():
+        found = models.find_weights(name)
+        table.add_row(name, str(found) if found else "—", spec.how)
+    _console().print(table)
+
+
+def schedule(catalog: Annotated[Path, typer.Argument(help="catalog file")],
+             cron: Annotated[str, typer.Option("--cron", help="cron schedule, e.g. '0 * * * *'")],
+             name: Annotated[str, typer.Option("--name", help="deployment name")] = "v2v-catalog",
+             profile: ProfileOpt = None, store: StoreOpt = None) -> None:
+    """Serve a Prefect deployment that runs CATALOG on a cron schedule (new rows run, finished rows are cached).
+
+    Needs a running Prefect server (``prefect server start``; PREFECT_API_URL set): the temporary server of
+    one-off runs has no scheduler.
+    """
+    import os
+
+    from flows import prefect_env
+
+    if not os.environ.get("PREFECT_API_URL"):
+        fail("schedules need a running Prefect server: run `prefect server start` and set "
+             "PREFECT_API_URL=http://127.0.0.1:4200/api (see docs/workflow.md)")
+    if not catalog.is_file():
+        fail(f"{catalog}: no such catalog file")
+    prefect_env.configure()
+    from flows.pipeline import edit_catalog, task_runner_for
+    from flows.profiles import load_profile
+
+    prof = load_profile(profile)
+    params = {"catalog": str(catalog.resolve()), "profile": profile or prof.name, "store": store or prof.store}
+    _console().print(f"serving deployment [bold]edit_catalog/{name}[/] ({cron}); Ctrl-C stops it")
+    edit_catalog.with_options(task_runner=task_runner_for(prof)).serve(name=name, cron=cron, parameters=params)
+
+
+def register(app: typer.Typer, store_app: typer.Typer, models_app: typer.Typer) -> None:
+    store_app.command("ls")(store_ls)
+    store_app.command("verify")(store_verify)
+    store_app.command("gc")(store_gc)
+    models_app.command("fetch")(models_fetch)
+    models_app.command("list")(models_list)
+    app.command("schedule")(schedule)

@@ -1,0 +1,216 @@
+"""The Prefect flows: ``edit_video`` (one clip) and ``edit_catalog`` (a catalog), stage tasks keyed by the store.
+
+Each stage call is one Prefect task run whose cache key is the artifact key (:class:`StoreKeyPolicy`); what
+Prefect persists is the small reference the task returns, never arrays. The Zarr store stays the source of
+truth: the policy only offers Prefect a key when the artifact is committed, and the task itself returns at
+once when it is, so an empty (or deleted) Prefect database changes nothing. Retries are for transient errors
+only (I/O hiccups, lost connections); a bad input fails at once with its reason.
+
+Importing this module imports Prefect; the CLI does so only when a run has work to do.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flows import prefect_env
+
+prefect_env.configure()
+
+from prefect import flow, task  # noqa: E402
+from prefect.cache_policies import CachePolicy  # noqa: E402
+from prefect.context import TaskRunContext  # noqa: E402
+from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
+
+from flows.engine import RunReport, error_text, run_stage, schedule, store_for  # noqa: E402
+from flows.plan import JobPlan, StagePlan  # noqa: E402
+from flows.profiles import Profile  # noqa: E402
+from storage.store import ArtifactStore  # noqa: E402
+
+
+@dataclass
+class StoreKeyPolicy(CachePolicy):
+    """Prefect cache key = the artifact key, offered only while the artifact is committed in the store."""
+
+    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
+                    **kwargs: Any) -> str | None:
+        call = inputs.get("call")
+        if call is None:
+            return None
+        store = store_for(inputs["store_url"], inputs.get("store_options"))
+        return f"v2v-{call.stage}-{call.key}" if store.exists(call.ref) else None
+
+
+_TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.EPIPE}
+
+
+def transient(task_: Any, task_run: Any, state: Any) -> bool:
+    """Retry only what may pass on its own: lost connections, timeouts, transient I/O errors."""
+    from stages.base import StageInputError
+
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception as err:  # the result itself could not be read
+        exc = err
+    if isinstance(exc, StageInputError | MemoryError):
+        return False
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return True
+    return isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS
+
+
+@task(name="stage", cache_policy=StoreKeyPolicy(), persist_result=True, retries=2, retry_delay_seconds=2,
+      retry_condition_fn=transient)
+def stage_task(call: Any, store_url: str, store_options: dict[str, Any] | None, device: str,
+               externals: dict[str, Any] | None) -> dict[str, Any]:
+    """One stage call (submitted once the artifacts it reads exist)."""
+    return run_stage(call, store_url, store_options, device, externals)
+
+
+@task(name="export", retries=1, retry_condition_fn=transient)
+def outputs_task(**kwargs: Any) -> dict[str, str]:
+    """A finished job's video files and contact sheet (no-op when up to date)."""
+    from flows.outputs import job_outputs
+
+    return job_outputs(**kwargs)
+
+
+class PrefectExecutor:
+    """Submits stage tasks to the flow's task runner (threads or Ray)."""
+
+    name = "prefect"
+
+    def __init__(self, store: ArtifactStore, profile: Profile) -> None:
+        self.store, self.profile = store, profile
+
+    def submit(self, job_id: str, sp: StagePlan, externals: dict[str, Any] | None) -> Any:
+        t = stage_task.with_options(name=sp.stage, task_run_name=f"{job_id}:{sp.stage}")
+        args = {"call": sp.call, "store_url": self.store.url, "store_options": self.store.storage_options or None,
+                "device": self.profile.device, "externals": externals}
+        return self._submit(t, args, gpu=sp.gpu)
+
+    def submit_outputs(self, job_id: str, kwargs: dict[str, Any]) -> Any:
+        return self._submit(outputs_task.with_options(task_run_name=f"{job_id}:export"), kwargs, gpu=False)
+
+    def _submit(self, t: Any, args: dict[str, Any], *, gpu: bool) -> Any:
+        opts = self.profile.runner
+        if opts.kind == "ray":
+            from prefect_ray.context import remote_options
+
+            resources: dict[str, Any] = {"num_cpus": opts.cpus_per_task}
+            if gpu and self.profile.device.startswith("cuda"):
+                # Ray retires a GPU task's worker after one call by default (max_calls=1): keep it, so the
+                # model it loaded stays loaded for the next task.
+                resources.update(num_gpus=opts.gpus_per_task, max_calls=0)
+            with remote_options(**resources):
+                return t.submit(**args)
+        return t.submit(**args)
+
+    def on_done(self, handle: Any, fn: Callable[[], None]) -> None:
+        handle.add_done_callback(lambda _: fn())
+
+    def outcome(self, handle: Any) -> tuple[dict[str, Any] | None, str | None]:
+        handle.wait()
+        state = handle.state
+        if state.is_completed():
+            return handle.result(), None
+        # A task whose upstream failed never starts (Prefect leaves it Pending / NotReady).
+        if not state.is_final() or state.name == "NotReady" or "upstream" in str(state.message or "").lower():
+            return None, "blocked"
+        try:
+            exc = state.result(raise_on_failure=False)
+        except Exception as err:  # the failure itself could not be read back
+            exc = err
+        if isinstance(exc, BaseException):
+            return None, error_text(exc)
+        return None, state.message or state.name
+
+
+def task_runner_for(profile: Profile) -> Any:
+    r = profile.runner
+    if r.kind == "ray":
+        from prefect_ray import RayTaskRunner
+
+        # Quiet, like the rest of the CLI: no dashboard, worker output and Ray's INFO lines stay in Ray's logs.
+        init: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                                "logging_level": logging.WARNING}
+        if r.address is None:
+            if r.num_cpus:
+                init["num_cpus"] = r.num_cpus
+            if r.num_gpus is not None:
+                init["num_gpus"] = r.num_gpus
+        return RayTaskRunner(address=r.address, init_kwargs=init)
+    return ThreadPoolTaskRunner(max_workers=r.max_workers)
+
+
+# ---- what the CLI hands the flow in-process (plans hold arrays; flow parameters stay small) -------------
+
+_PREPARED: dict[str, dict[str, Any]] = {}
+
+
+def prepare(plans: list[JobPlan], reporter: Any = None) -> str:
+    token = f"prepared-{time.time_ns()}"
+    _PREPARED[token] = {"plans": plans, "reporter": reporter}
+    return token
+
+
+def _summary_artifact(report: RunReport, title: str) -> None:
+    from prefect.artifacts import create_table_artifact
+
+    try:
+        create_table_artifact(table=report.rows(), key="v2v-summary",
+                              description=f"{title}: {len(report.jobs)} jobs, {len(report.failed)} failed, "
+                                          f"{report.wall_seconds:.1f} s")
+    except Exception:  # the summary is printed anyway; never fail a run over the UI table
+        pass
+
+
+def _body(catalog: str | None, profile: str | None, store: str | None, overrides: dict[str, Any] | None,
+          prepared: str | None, title: str) -> dict[str, Any]:
+    from flows import runs
+
+    start = time.perf_counter()
+    hooks = _PREPARED.pop(prepared, None) if prepared else None
+    if hooks is not None:
+        plans, reporter, start = hooks["plans"], hooks["reporter"], hooks.get("start", start)
+        prof, st, out_root = hooks["profile"], hooks["store"], hooks["out"]
+    else:
+        reporter = None
+        prof, st, plans, out_root = runs.prepare_catalog(catalog, profile, store, overrides or {})
+    report = schedule(plans, PrefectExecutor(st, prof), st, reporter, runs.outputs_config(prof, out_root),
+                      start=start)
+    _summary_artifact(report, title)
+    return {"jobs": report.rows(), "wall_seconds": round(report.wall_seconds, 3),
+            "compute_seconds": round(report.compute_seconds, 3), "failed": len(report.failed),
+            "_report": report}
+
+
+@flow(name="edit_catalog", log_prints=False, validate_parameters=True)
+def edit_catalog(catalog: str, profile: str = "local", store: str | None = None,
+                 overrides: dict[str, Any] | None = None, prepared: str | None = None) -> dict[str, Any]:
+    """Run every job of a catalog; finished stages are cache hits, new rows run."""
+    return _body(catalog, profile, store, overrides, prepared, f"catalog {Path(catalog).name}")
+
+
+@flow(name="edit_video", log_prints=False)
+def edit_video(video: str, prompt: str, profile: str = "local", store: str | None = None,
+               job: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
+               prepared: str | None = None) -> dict[str, Any]:
+    """Edit one clip (``job``: the other catalog fields: first_frame, instruction, masks, ...)."""
+    return _body(None, profile, store, {**(overrides or {}), "_single": {"source": video, "prompt": prompt,
+                                                                          **(job or {})}},
+                 prepared, f"video {Path(video).name}")
+
+
+def run_flow(flow_name: str, params: dict[str, Any], profile: Profile) -> RunReport:
+    """Call a flow with the profile's task runner inside a managed Prefect session."""
+    fl = {"edit_catalog": edit_catalog, "edit_video": edit_video}[flow_name]
+    with prefect_env.prefect_session():
+        result = fl.with_options(task_runner=task_runner_for(profile))(**params)
+    return result["_report"]

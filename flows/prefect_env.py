@@ -1,0 +1,161 @@
+"""Prefect without surprises: quiet, offline, no hang, a clean shutdown.
+
+With no ``PREFECT_API_URL``, Prefect 3 starts a temporary API server in a subprocess for each process that
+needs one (every Ray worker too). We start that server once per run instead, point this process and its
+workers at it (``PREFECT_API_URL``), send its output to ``$PREFECT_HOME/v2v-server.log``, drain the event
+and log workers before stopping it, and keep Prefect's console logging off unless asked (``--verbose``).
+This is the same sequence as Prefect's own test harness. With ``PREFECT_API_URL`` set (a real server, e.g.
+``prefect server start``) nothing is started and runs show up in its UI.
+
+Call :func:`configure` before the first ``import prefect`` (settings are read at import).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+_DEFAULTS = {
+    # Offline machines: no telemetry call home (it logs an error per run when DNS is missing).
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # A loaded 2-core machine takes 20-40 s to boot the API server; Prefect's default timeout is 20 s.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+}
+
+
+def configure(verbose: bool = False) -> None:
+    """Environment defaults for Prefect (the user's own settings win)."""
+    for key, value in _DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    if not verbose:
+        # Our CLI renders progress and errors itself; Prefect's console handler would print tracebacks of
+        # failed tasks (bad inputs) that the summary already explains. Logs still reach the API / UI.
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    else:
+        os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "INFO"
+
+
+def _server_class() -> Any:
+    from prefect.server.api.server import SubprocessASGIServer
+
+    class QuietServer(SubprocessASGIServer):
+        """Prefect's temporary server with its output in a log file instead of our terminal."""
+
+        _instances: dict[int | None, Any] = {}
+        log_path: Path | None = None
+
+        def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
+            import prefect
+            from prefect.settings import PREFECT_HOME, get_current_settings
+
+            home = Path(PREFECT_HOME.value()).expanduser()
+            home.mkdir(parents=True, exist_ok=True)
+            self.log_path = home / "v2v-server.log"
+            log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed with it
+            env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                   "PREFECT__SERVER_FINAL": "1",
+                   **get_current_settings().to_environment_variables(exclude_unset=True)}
+            env.pop("PREFECT_API_URL", None)
+            env["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"  # its warnings go to the log file
+            return subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+                 "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+                 "--log-level", "error", "--lifespan", "on"],
+                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    return QuietServer
+
+
+_SERVER: Any = None
+
+
+def server_url() -> str | None:
+    return _SERVER.api_url if _SERVER is not None and _SERVER.running else None
+
+
+@contextlib.contextmanager
+def prefect_session(verbose: bool = False) -> Iterator[str]:
+    """Make sure a Prefect API is reachable for this run and its workers; yields its URL."""
+    global _SERVER
+    configure(verbose)
+    import prefect.context
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+
+    url = PREFECT_API_URL.value()
+    if url:  # a real server: nothing to start or stop
+        yield url
+        return
+    owned = False
+    if _SERVER is None or not _SERVER.running:
+        _SERVER = _server_class()()
+        _SERVER.start(timeout=PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+        owned = True
+    # Code inside Prefect that asks for "the" temporary server must find ours, not start a second one.
+    prior = SubprocessASGIServer._instances.get(None)
+    SubprocessASGIServer._instances[None] = _SERVER
+    old_env = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = _SERVER.api_url  # inherited by Ray workers started from here
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: _SERVER.api_url}), \
+                prefect.context._temporary_global_settings_context(prefect.context.get_settings_context()):
+            yield _SERVER.api_url
+            drain()
+    finally:
+        if old_env is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = old_env
+        if prior is not None:
+            SubprocessASGIServer._instances[None] = prior
+        else:
+            SubprocessASGIServer._instances.pop(None, None)
+        if owned and not _keep_server():
+            stop_server()
+
+
+def ensure_server() -> str:
+    """Start the shared temporary server now (kept until exit); tests and benchmarks call this once."""
+    os.environ["V2V_KEEP_PREFECT_SERVER"] = "1"
+    with prefect_session() as url:
+        return url
+
+
+def _keep_server() -> bool:
+    # Tests and benchmarks run many flows in one process: keep the server until exit.
+    return os.environ.get("V2V_KEEP_PREFECT_SERVER", "") not in ("", "0", "false")
+
+
+def drain() -> None:
+    """Flush Prefect's event and log workers (before stopping the server they talk to)."""
+    import inspect
+
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def _drain() -> None:
+        with contextlib.suppress(RuntimeError):
+            res = APILogWorker.instance().drain()
+            if inspect.isawaitable(res):
+                await res
+        res = EventsWorker.drain_all()
+        if inspect.isawaitable(res):
+            await res
+
+    with contextlib.suppress(Exception):
+        run_coro_as_sync(_drain())
+
+
+def stop_server() -> None:
+    global _SERVER
+    if _SERVER is not None:
+        # Drained inside the session already: draining here (outside the settings that point at the server)
+        # would make Prefect create fresh workers, and a fresh temporary server for them.
+        _SERVER.stop()
+        _SERVER = None

@@ -1,0 +1,79 @@
+"""The ``ray`` profile: the demo catalog on a local Ray with 2 workers, through prefect-ray's task runner."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from test_flow_catalog import OFFLINE
+
+from flows.catalog import build_catalog
+from flows.profiles import load_profile
+from flows.runs import run_catalog
+from storage.store import ArtifactRef, ArtifactStore
+
+CATALOGS = Path(__file__).resolve().parent.parent / "catalogs"
+TINY = {"ingest": {"n_frames": 4, "width": 128, "height": 128}}
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> object:
+    ray = pytest.importorskip("ray")
+    from flows import prefect_env
+
+    url = prefect_env.ensure_server()
+    os.environ["PREFECT_API_URL"] = url  # the workers inherit it from the raylet started below
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+    os.environ.pop("PREFECT_API_URL", None)
+
+
+def demo_catalog(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """catalogs/demo.yaml as it is, with its generated clip made in tmp_path instead of the repo."""
+    from flows.demo_clip import make_demo_clip
+
+    ball = make_demo_clip(tmp_path / "rolling-ball")
+    data = yaml.safe_load((CATALOGS / "demo.yaml").read_text())
+    rows = []
+    for i, job in enumerate(data["jobs"]):
+        for field in ("source", "masks", "first_frame"):
+            if str(job.get(field, "")).startswith("generated/rolling-ball/"):
+                name = Path(job[field]).name
+                job[field] = str(ball[{"clip.mp4": "clip", "masks": "masks", "mask-00000.png": "mask",
+                                       "edited-first-frame.png": "first_frame"}[name]])
+        rows.append((f"demo.yaml job {i + 1}", job))
+    return build_catalog(rows, base=CATALOGS, defaults=data.get("defaults"))
+
+
+def test_ray_profile_runs_the_demo_catalog_on_two_workers(tmp_path: Path, local_ray: object) -> None:
+    cat = demo_catalog(tmp_path)
+    assert [j.id for j in cat.jobs] == ["bear-elephant", "ball-cone"] and not cat.errors
+    prof = load_profile("ray").model_copy(update={"out": str(tmp_path / "out"), "backends": OFFLINE,
+                                                  "params": TINY})
+    assert prof.runner.kind == "ray" and prof.runner.num_cpus == 2
+    store = str(tmp_path / "store")
+    report, plans = run_catalog(cat, profile=prof, store=store, overrides={"params": TINY})
+    assert report.orchestrator == "prefect"
+    assert [j.status for j in report.jobs] == ["done", "done"], [j.error for j in report.jobs]
+    # Every stage ran in one of the 2 long-lived Ray workers (never in this process), and workers were
+    # reused across stages and jobs (a model would load once per worker, not per task).
+    pids = [r.pid for j in report.jobs for r in j.stages.values() if r.status == "computed"]
+    assert len(pids) >= 10 and os.getpid() not in pids and len(set(pids)) <= 2
+    for job in report.jobs:
+        assert Path(job.outputs["mp4"]).stat().st_size > 0
+
+    # Same keys and arrays as the local runner.
+    ref_store = str(tmp_path / "local")
+    local, _ = run_catalog(cat, profile=prof.model_copy(update={"runner": load_profile("local").runner}),
+                           store=ref_store, overrides={"params": TINY}, orchestrator="inline")
+    a, b = ArtifactStore(store), ArtifactStore(ref_store)
+    for job in ("bear-elephant", "ball-cone"):
+        assert a.job(job)["artifacts"] == b.job(job)["artifacts"]
+        key = a.job(job)["artifacts"]["generate"]
+        assert np.array_equal(a.read(ArtifactRef("generate", key))["video"],
+                              b.read(ArtifactRef("generate", key))["video"])
