@@ -23,15 +23,15 @@ import json
 import os
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import cv2
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from stages.base import ArraySpec, Backend, MissingWeightsError, Params, Stage, StageInputError
+from stages.base import ArraySpec, Backend, MissingWeightsError, Stage, StageInputError
 from stages.generate import DEFAULT_NEGATIVE_PROMPT
-from stages.ingest import IngestParams, canvas_geometry, warp_to_canvas
+from stages.ingest import CanvasParams, canvas_geometry, warp_to_canvas
 
 # Reference margins (px on the 512² canvas): PBE 9x9 kernel once (+4), SD-inpaint 19x19 x 9 (+81),
 # sketch script 19x19 x 5 (+45).
@@ -40,11 +40,8 @@ DEFAULT_MARGIN_PX = {"paint-by-example": 4, "sd-inpaint": 81, "sketch": 45}
 MIRROR_INPAINT, MIRROR_SCRIBBLE = "stable-diffusion-v1-5-inpaint", "controlnet-scribble"
 
 
-class EditParams(Params):
-    # ---- canvas (provided): must match ingest's ----------------------------------------------------
-    canvas: Literal["squash", "letterbox", "crop"] = "squash"
-    width: int = 512
-    height: int = 512
+class EditParams(CanvasParams):
+    # the canvas fields (provided): must match ingest's
     # ---- diffusers editors ---------------------------------------------------------------------------
     prompt: str = Field("", description="what the edit region shows (sd-inpaint, sketch)")
     instruction: str = Field("", description="InstructPix2Pix edit instruction (falls back to prompt)")
@@ -59,13 +56,6 @@ class EditParams(Params):
                                         "the backend's reference default")
     composite: bool = Field(True, description="keep frame 0's pixels outside the edit region")
     feather_px: float = Field(2.0, ge=0.0, le=32.0, description="soft edge of the composite (sigma, px)")
-
-    @field_validator("width", "height")
-    @classmethod
-    def _multiple_of_64(cls, v: int) -> int:
-        if v % 64 or not 64 <= v <= 1024:
-            raise ValueError(f"canvas sides must be multiples of 64 between 64 and 1024, got {v}")
-        return v
 
 
 # ---- image helpers --------------------------------------------------------------------------------
@@ -91,7 +81,7 @@ def to_canvas(image: np.ndarray, mode: str, width: int, height: int) -> np.ndarr
     if image.shape[:2] == (height, width):
         return image
     h, w = image.shape[:2]
-    geometry = canvas_geometry(w, h, IngestParams(canvas=mode, width=width, height=height))
+    geometry = canvas_geometry(w, h, CanvasParams(canvas=mode, width=width, height=height))
     return np.ascontiguousarray(warp_to_canvas(image, geometry)).astype(np.uint8)
 
 

@@ -26,14 +26,12 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".webm", ".mkv", ".m4v"}
 
 
-class IngestParams(Params):
-    n_frames: int | None = Field(16, ge=1, description="frames to take; None = all from start")
-    start: int = Field(0, ge=0)
-    stride: int = Field(1, ge=1)
+class CanvasParams(Params):
+    """The working canvas; every stage that brings an image onto it (ingest, a provided edit) shares it."""
+
     canvas: Literal["squash", "letterbox", "crop"] = "squash"
     width: int = 512
     height: int = 512
-    mask_object_id: int | None = Field(None, ge=1, description="DAVIS palette id; None = every object")
 
     @field_validator("width", "height")
     @classmethod
@@ -43,9 +41,16 @@ class IngestParams(Params):
         return v
 
 
+class IngestParams(CanvasParams):
+    n_frames: int | None = Field(16, ge=1, description="frames to take; None = all from start")
+    start: int = Field(0, ge=0)
+    stride: int = Field(1, ge=1)
+    mask_object_id: int | None = Field(None, ge=1, description="DAVIS palette id; None = every object")
+
+
 # ---- geometry ---------------------------------------------------------------------------------------
 
-def canvas_geometry(src_w: int, src_h: int, params: IngestParams) -> dict[str, Any]:
+def canvas_geometry(src_w: int, src_h: int, params: CanvasParams) -> dict[str, Any]:
     """Mapping source -> canvas: ``canvas = source * scale + offset`` (pixel-edge coordinates)."""
     cw, ch = params.width, params.height
     if params.canvas == "squash":

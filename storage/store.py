@@ -21,11 +21,10 @@ import os
 import posixpath
 import time
 import uuid
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
-
-import warnings
 
 import fsspec
 import numpy as np

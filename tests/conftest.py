@@ -29,6 +29,17 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     monkeypatch.setenv("V2V_DIGEST_CACHE", str(tmp_path_factory.getbasetemp() / "digests"))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: one intra-op thread is as fast, and much faster on a shared, loaded CPU."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def encode_mp4(frames: np.ndarray, path: Path, fps: int = 16, codec: str = "libx264") -> Path:
     """Write uint8 RGB frames to a video with PyAV (test helper)."""
     import av

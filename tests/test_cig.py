@@ -21,13 +21,7 @@ SKIP_CHANNELS = (32,) * 7 + (64,) * 5  # conv_in, then per block its resnets and
 TEXT_DIM, CN_TEXT_DIM = 32, 24  # distinct so a swapped text encoder fails loudly
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast and much faster on a shared, loaded CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @dataclass(frozen=True)
