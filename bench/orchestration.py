@@ -101,6 +101,7 @@ def main() -> None:
     import ray
 
     t = time.perf_counter()
+    os.environ.setdefault("RAY_worker_niceness", "0")  # as v2v's own local Ray: workers at normal priority
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     ray_init_s = time.perf_counter() - t
     try:

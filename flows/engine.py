@@ -185,9 +185,31 @@ def store_for(url: str, options: dict[str, Any] | None = None) -> ArtifactStore:
     return _STORES[key]
 
 
+_THREADS: list[int] = []
+
+
+def limit_threads(threads: int | None) -> None:
+    """Cap OpenCV's (and torch's, once imported) intra-op threads to the task's CPU share, once per process.
+
+    Ray reserves ``cpus_per_task`` CPUs per task but OpenCV would still start a thread per core in every
+    worker; two workers on two cores would then run four busy threads."""
+    if not threads or _THREADS:
+        return
+    _THREADS.append(threads)
+    import sys
+
+    import cv2
+
+    cv2.setNumThreads(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
 def run_stage(call: Any, store_url: str, store_options: dict[str, Any] | None, device: str,
-              externals: dict[str, Any] | None) -> dict[str, Any]:
+              externals: dict[str, Any] | None, threads: int | None = None) -> dict[str, Any]:
     """Execute one stage call against the store; returns a small reference (never arrays)."""
+    limit_threads(threads)
     t0 = time.perf_counter()
     out = execute(call, store_for(store_url, store_options), externals, device)
     io = time.perf_counter() - t0 - out.seconds  # reading inputs, writing the artifact (or the cache check)

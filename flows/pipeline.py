@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,9 +69,9 @@ def transient(task_: Any, task_run: Any, state: Any) -> bool:
 @task(name="stage", cache_policy=StoreKeyPolicy(), persist_result=True, retries=2, retry_delay_seconds=2,
       retry_condition_fn=transient)
 def stage_task(call: Any, store_url: str, store_options: dict[str, Any] | None, device: str,
-               externals: dict[str, Any] | None) -> dict[str, Any]:
+               externals: dict[str, Any] | None, threads: int | None = None) -> dict[str, Any]:
     """One stage call (submitted once the artifacts it reads exist)."""
-    return run_stage(call, store_url, store_options, device, externals)
+    return run_stage(call, store_url, store_options, device, externals, threads)
 
 
 @task(name="export", retries=1, retry_condition_fn=transient)
@@ -92,11 +93,16 @@ class PrefectExecutor:
     def submit(self, job_id: str, sp: StagePlan, externals: dict[str, Any] | None) -> Any:
         t = stage_task.with_options(name=sp.stage, task_run_name=f"{job_id}:{sp.stage}")
         args = {"call": sp.call, "store_url": self.store.url, "store_options": self.store.storage_options or None,
-                "device": self.profile.device, "externals": externals}
+                "device": self.profile.device, "externals": externals, "threads": self._threads()}
         return self._submit(t, args, gpu=sp.gpu)
 
     def submit_outputs(self, job_id: str, kwargs: dict[str, Any]) -> Any:
         return self._submit(outputs_task.with_options(task_run_name=f"{job_id}:export"), kwargs, gpu=False)
+
+    def _threads(self) -> int | None:
+        """Ray workers: threads per task = the CPUs the task reserves (local threads keep the defaults)."""
+        r = self.profile.runner
+        return max(1, int(r.cpus_per_task)) if r.kind == "ray" else None
 
     def _submit(self, t: Any, args: dict[str, Any], *, gpu: bool) -> Any:
         opts = self.profile.runner
@@ -141,6 +147,9 @@ def task_runner_for(profile: Profile) -> Any:
         init: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                                 "logging_level": logging.WARNING}
         if r.address is None:
+            # Ray runs its workers at nice 15 by default, behind every other process of the machine; a local
+            # Ray started for v2v is the main compute, so keep it at normal priority (inherited by the raylet).
+            os.environ.setdefault("RAY_worker_niceness", "0")
             if r.num_cpus:
                 init["num_cpus"] = r.num_cpus
             if r.num_gpus is not None:

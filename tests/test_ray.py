@@ -27,6 +27,7 @@ def local_ray() -> object:
 
     url = prefect_env.ensure_server()
     os.environ["PREFECT_API_URL"] = url  # the workers inherit it from the raylet started below
+    os.environ.setdefault("RAY_worker_niceness", "0")  # as v2v's own local Ray
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     yield ray
     ray.shutdown()
