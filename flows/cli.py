@@ -196,7 +196,13 @@ def demo(profile: ProfileOpt = None, store: StoreOpt = None, out: OutOpt = None,
     make_demo_clip()
     catalog = Path(__file__).resolve().parent.parent / "catalogs" / "demo.yaml"
     ov = _overrides(None, None, None, out, None, None, None)
-    raise typer.Exit(_execute(catalog, profile, store, ov, inline, verbose))
+    code = _execute(catalog, profile, store, ov, inline, verbose)
+    where = store or os.environ.get("V2V_STORE") or "./v2v-store"
+    console.print("Every intermediate is in the store; open one job's arrays in Python:\n"
+                  "  [cyan]from storage import open_job[/]\n"
+                  f"  [cyan]ds = open_job({where!r}, \"bear-elephant\")[/]\n"
+                  "  [cyan]print(ds[\"shape_masks\"].sum((\"y\", \"x\")).values)[/]   # or: v2v inspect bear-elephant")
+    raise typer.Exit(code)
 
 
 def _register_admin() -> None:
