@@ -40,7 +40,8 @@ warnings.filterwarnings("ignore", message="Consolidated metadata is currently no
 
 
 class ArtifactNotFound(KeyError):
-    pass
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 @dataclass(frozen=True)
