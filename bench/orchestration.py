@@ -2,11 +2,14 @@
 
 Prints, from one run:
 * the temporary Prefect server's start-up (once per process; zero with a running server),
-* local runner (Prefect, threads, one stage at a time): wall time, sum of stage compute, overhead ratio
-  ``(wall - compute) / compute`` (planning, decoding, store I/O, Prefect, export and contact sheets),
+* local runner (Prefect, threads, one stage at a time; artifact commits on a writer thread and exports on
+  an export thread, both overlapping the next stages): wall time, sum of stage compute, overhead ratio
+  ``(wall - compute) / compute`` (planning, store I/O, Prefect, what is left of the exports),
 * the cached re-run's seconds per job (no stage runs; Prefect is not started) and, for comparison, the same
   re-run forced through Prefect (every task a cache hit),
-* Ray runner (prefect-ray, 2 workers, started before timing): wall time and speedup over local.
+* Ray runner (prefect-ray, started before timing) with 2 workers, then 1 worker: wall time, speedup over
+  local and over itself with one worker (commits are synchronous on Ray workers: the next stage may run in
+  another process).
 
 Usage: python bench/orchestration.py [--jobs 20] [--frames 16] [--size 256] [--keep DIR]
 """
@@ -100,14 +103,20 @@ def main() -> None:
 
     import ray
 
-    t = time.perf_counter()
     os.environ.setdefault("RAY_worker_niceness", "0")  # as v2v's own local Ray: workers at normal priority
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
-    ray_init_s = time.perf_counter() - t
-    try:
-        ray_wall, ray_compute, ray_report = run(ray_prof, str(work / "store-ray"), "ray")
-    finally:
-        ray.shutdown()
+    ray_runs: dict[int, tuple[float, float, Any, float]] = {}
+    for cpus in (2, 1):
+        t = time.perf_counter()
+        ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        init_s = time.perf_counter() - t
+        try:
+            prof = ray_prof.model_copy(update={"out": str(work / f"out-ray{cpus}"),
+                                               "runner": RunnerConfig(kind="ray", num_cpus=cpus)})
+            ray_runs[cpus] = (*run(prof, str(work / f"store-ray{cpus}"), f"ray{cpus}"), init_s)
+        finally:
+            ray.shutdown()
+    ray_wall, ray_compute, ray_report, ray_init_s = ray_runs[2]
+    ray1_wall = ray_runs[1][0]
     workers = {r.pid for j in ray_report.jobs for r in j.stages.values() if r.pid}  # type: ignore[attr-defined]
 
     n = args.jobs
@@ -115,22 +124,24 @@ def main() -> None:
     print(f"local  wall time:               {local_wall:8.1f} s")
     print(f"local  sum of stage compute:    {local_compute:8.1f} s")
     io, exports = local_report.io_seconds, local_report.outputs_seconds
-    orchestration = local_wall - local_compute - io - exports
+    rest = local_wall - local_compute - io
     print(f"local  overhead ratio:          {(local_wall - local_compute) / local_compute:8.1%} "
           "(wall - compute) / compute, of which:")
-    print(f"         store I/O (read inputs, write artifacts): {io:7.1f} s  {io / local_compute:7.1%}")
-    print(f"         exports (mp4/gif/png, contact sheets):    {exports:7.1f} s  {exports / local_compute:7.1%}")
-    print(f"         orchestration (plan, Prefect, schedule):  {orchestration:7.1f} s  "
-          f"{orchestration / local_compute:7.1%}")
+    print(f"         store I/O on the stage thread (reads, cache checks): {io:7.1f} s  {io / local_compute:7.1%}")
+    print(f"         the rest (plan, Prefect, scheduling, last export):   {rest:7.1f} s  {rest / local_compute:7.1%}")
+    print(f"       beside the stages (own threads): artifact commits, and exports {exports:.1f} s "
+          f"(mp4/gif/png, contact sheets)")
     print(f"cached re-run:                  {cached_wall / n:8.3f} s per job ({cached.orchestrator})")  # type: ignore[attr-defined]
     print(f"cached re-run through Prefect:  {forced_wall / n:8.3f} s per job (every task a cache hit)")
     print(f"ray    init (2 CPUs):           {ray_init_s:8.1f} s (not in the wall time below)")
     print(f"ray    wall time:               {ray_wall:8.1f} s  ({len(workers)} worker processes, "
           f"sum of compute {ray_compute:.1f} s)")
+    print(f"ray    wall time, 1 worker:     {ray1_wall:8.1f} s")
     print(f"ray vs local speedup:           {local_wall / ray_wall:8.2f}x")
-    print(f"CPU seconds, Prefect server process: local {cpu['local server']:.1f}, ray {cpu['ray server']:.1f}, "
+    print(f"ray 2 workers vs 1:             {ray1_wall / ray_wall:8.2f}x")
+    print(f"CPU seconds, Prefect server process: local {cpu['local server']:.1f}, ray {cpu['ray2 server']:.1f}, "
           f"cached re-run through Prefect {cpu['forced server']:.1f}; this process (scheduler, Prefect client; "
-          f"local: the stages too): local {cpu['local']:.1f}, ray {cpu['ray']:.1f}")
+          f"local: the stages too): local {cpu['local']:.1f}, ray {cpu['ray2']:.1f}")
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
     if args.keep is None:
         shutil.rmtree(work, ignore_errors=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import shutil
 import tempfile
 import time
@@ -39,9 +40,22 @@ def disk_bytes(path: Path) -> int:
     return path.stat().st_size
 
 
-def best_seconds(fn: Callable[[], object], repeat: int) -> float:
+def evict(path: Path) -> None:
+    """Drop a file's (or a folder's files') pages from the page cache: the next read comes from the disk."""
+    for p in ([path] if path.is_file() else [q for q in path.rglob("*") if q.is_file()]):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def best_seconds(fn: Callable[[], object], repeat: int, before: Callable[[], None] | None = None) -> float:
     times = []
     for _ in range(repeat):
+        if before is not None:
+            before()
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -65,6 +79,9 @@ def measure(name: str, data: np.ndarray, dims: tuple[str, ...], tmp: Path, repea
     first = ArtifactRef(name, f"{0:064x}")
     row["zarr_read"] = mb / best_seconds(lambda: store.read(first), repeat)
     row["zarr_bytes"] = disk_bytes(tmp / "store" / first.path) / 1e6
+    row["npy_cold"] = mb / best_seconds(lambda: np.load(npy), repeat, lambda: evict(npy))
+    row["zarr_cold"] = mb / best_seconds(lambda: store.read(first), repeat,
+                                         lambda: evict(tmp / "store" / first.path))
     assert np.array_equal(store.read(first)[name], data)
     return row
 
@@ -79,17 +96,19 @@ def main() -> None:
                 for name, (data, dims) in bear_arrays().items()}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    head = (f"{'array':7} {'MB':>6} | {'npy write':>10} {'npy read':>9} {'npy MB':>7} | "
-            f"{'zarr write':>10} {'zarr read':>9} {'zarr MB':>8} | {'read x':>6} {'write x':>7} {'size x':>6}")
+    head = (f"{'array':7} {'MB':>6} | {'npy write':>10} {'npy read':>9} {'cold':>7} {'npy MB':>7} | "
+            f"{'zarr write':>10} {'zarr read':>9} {'cold':>7} {'zarr MB':>8} | {'read x':>6} {'cold x':>6} "
+            f"{'write x':>7} {'size x':>6}")
     print(head)
     print("-" * len(head))
     for name, r in rows.items():
-        print(f"{name:7} {r['MB']:6.1f} | {r['npy_write']:8.0f}/s {r['npy_read']:7.0f}/s {r['npy_bytes']:7.1f} | "
-              f"{r['zarr_write']:8.0f}/s {r['zarr_read']:7.0f}/s {r['zarr_bytes']:8.1f} | "
-              f"{r['zarr_read'] / r['npy_read']:6.2f} {r['npy_write'] / r['zarr_write']:7.2f} "
-              f"{r['npy_bytes'] / r['zarr_bytes']:6.2f}")
-    print(f"MB/s, best of {args.repeat}. read x = zarr read / npy read speed (goal >= 1); write x = npy write / "
-          "zarr write speed (goal <= 2); size x = npy bytes / zarr bytes (goal > 1)")
+        print(f"{name:7} {r['MB']:6.1f} | {r['npy_write']:8.0f}/s {r['npy_read']:7.0f}/s {r['npy_cold']:5.0f}/s "
+              f"{r['npy_bytes']:7.1f} | {r['zarr_write']:8.0f}/s {r['zarr_read']:7.0f}/s {r['zarr_cold']:5.0f}/s "
+              f"{r['zarr_bytes']:8.1f} | {r['zarr_read'] / r['npy_read']:6.2f} {r['zarr_cold'] / r['npy_cold']:6.2f} "
+              f"{r['npy_write'] / r['zarr_write']:7.2f} {r['npy_bytes'] / r['zarr_bytes']:6.2f}")
+    print(f"MB/s, best of {args.repeat}. read: page cache warm; cold: the files' pages dropped first (fsync + "
+          "POSIX_FADV_DONTNEED), read from the disk. read x / cold x = zarr read / npy read speed (goal >= 1); "
+          "write x = npy write / zarr write speed (goal <= 2); size x = npy bytes / zarr bytes (goal > 1)")
 
 
 if __name__ == "__main__":

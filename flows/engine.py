@@ -9,19 +9,17 @@ blocks its job's downstream stages only; other jobs run on.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import heapq
 import os
 import queue
-import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import numpy as np
-
 from flows.execute import execute
 from flows.plan import JobPlan, StagePlan
+from flows.worker_store import flush_all, store_for
 from storage.store import ArtifactStore
 
 
@@ -97,9 +95,13 @@ class NullReporter:
 
 
 class Executor(Protocol):
-    """Runs stage calls: ``submit`` returns a handle, ``on_done`` calls back (any thread) when it finishes."""
+    """Runs stage calls: ``submit`` returns a handle, ``on_done`` calls back (any thread) when it finishes.
+
+    ``stage_slots``: stage calls in flight at once (None: the runner queues them itself). Exports do not
+    take a slot, so a finished job's encoding overlaps the next job's stages."""
 
     name: str
+    stage_slots: int | None
 
     def submit(self, job_id: str, sp: StagePlan, externals: dict[str, Any] | None) -> Any: ...
     def submit_outputs(self, job_id: str, kwargs: dict[str, Any]) -> Any: ...
@@ -108,82 +110,6 @@ class Executor(Protocol):
 
 
 # ---- the task body (shared by every executor) --------------------------------------------------------
-
-class ArrayCache:
-    """Recently written or read artifact arrays of this process, up to a byte budget (LRU).
-
-    Artifacts are immutable (content-addressed), so a copy from memory equals a read from the store. A stage
-    usually reads what the previous one wrote a moment ago in the same worker: the cache spares decoding
-    it again. Budget: ``$V2V_ARRAY_CACHE_MB`` (default 512; 0 disables).
-    """
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.items: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
-        self.size = 0
-        self.lock = threading.Lock()
-
-    def get(self, key: str, name: str) -> np.ndarray | None:
-        with self.lock:
-            arr = self.items.get((key, name))
-            if arr is None:
-                return None
-            self.items.move_to_end((key, name))
-            return arr.copy()  # stages may write into their inputs
-
-    def put(self, key: str, name: str, arr: np.ndarray) -> None:
-        if arr.nbytes > self.max_bytes:
-            return
-        with self.lock:
-            if (key, name) in self.items:
-                return
-            self.items[(key, name)] = arr.copy()
-            self.size += arr.nbytes
-            while self.size > self.max_bytes:
-                _, old = self.items.popitem(last=False)
-                self.size -= old.nbytes
-
-
-ARRAYS = ArrayCache(int(float(os.environ.get("V2V_ARRAY_CACHE_MB", "512")) * 2**20))
-
-
-class CachedStore:
-    """The store with reads served from (and writes kept in) :data:`ARRAYS`; everything else delegated."""
-
-    def __init__(self, store: ArtifactStore) -> None:
-        self._store = store
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
-
-    def read(self, ref: Any, names: list[str] | None = None) -> dict[str, np.ndarray]:
-        if names is not None:
-            hits = {n: ARRAYS.get(ref.key, n) for n in names}
-            if all(v is not None for v in hits.values()):
-                return hits  # type: ignore[return-value]
-        out = self._store.read(ref, names)
-        for n, arr in out.items():
-            ARRAYS.put(ref.key, n, arr)
-        return out
-
-    def write(self, ref: Any, arrays: Mapping[str, np.ndarray], *args: Any, **kwargs: Any) -> Any:
-        result = self._store.write(ref, arrays, *args, **kwargs)
-        for n, arr in arrays.items():
-            ARRAYS.put(ref.key, n, arr)
-        return result
-
-
-_STORES: dict[tuple[str, str], ArtifactStore] = {}
-
-
-def store_for(url: str, options: dict[str, Any] | None = None) -> ArtifactStore:
-    """One store object per process and URL (workers reopen by URL), reading through :data:`ARRAYS`."""
-    key = (url, repr(sorted((options or {}).items())))
-    if key not in _STORES:
-        store = ArtifactStore(url, **(options or {}))
-        _STORES[key] = CachedStore(store) if ARRAYS.max_bytes else store  # type: ignore[assignment]
-    return _STORES[key]
-
 
 _THREADS: list[int] = []
 
@@ -207,20 +133,25 @@ def limit_threads(threads: int | None) -> None:
 
 
 def run_stage(call: Any, store_url: str, store_options: dict[str, Any] | None, device: str,
-              externals: dict[str, Any] | None, threads: int | None = None) -> dict[str, Any]:
-    """Execute one stage call against the store; returns a small reference (never arrays)."""
+              externals: dict[str, Any] | None, threads: int | None = None, write_behind: bool = False
+              ) -> dict[str, Any]:
+    """Execute one stage call against the store; returns a small reference (never arrays).
+
+    ``write_behind``: commit the artifact on this process's writer thread (in-process executors, whose
+    next stage reads the arrays from memory; see :mod:`flows.worker_store`)."""
     limit_threads(threads)
     t0 = time.perf_counter()
-    out = execute(call, store_for(store_url, store_options), externals, device)
+    out = execute(call, store_for(store_url, store_options), externals, device, write_behind=write_behind)
     io = time.perf_counter() - t0 - out.seconds  # reading inputs, writing the artifact (or the cache check)
     return {"stage": call.stage, "key": call.key, "cached": out.cached, "seconds": round(out.seconds, 4),
             "io_seconds": round(io, 4), "pid": os.getpid()}
 
 
 def error_text(exc: BaseException) -> str:
+    from flows.worker_store import CommitError
     from stages.base import StageInputError
 
-    if isinstance(exc, StageInputError):
+    if isinstance(exc, StageInputError | CommitError):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
 
@@ -229,19 +160,21 @@ def error_text(exc: BaseException) -> str:
 
 class InlineExecutor:
     name = "inline"
+    stage_slots = None  # the stage pool's size is the limit
 
     def __init__(self, store: ArtifactStore, device: str, max_workers: int = 1) -> None:
         self.store, self.device = store, device
         self.pool = cf.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="v2v-stage")
+        self.exports = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="v2v-export")
 
     def submit(self, job_id: str, sp: StagePlan, externals: dict[str, Any] | None) -> Any:
         return self.pool.submit(run_stage, sp.call, self.store.url, self.store.storage_options or None,
-                                self.device, externals)
+                                self.device, externals, write_behind=True)
 
     def submit_outputs(self, job_id: str, kwargs: dict[str, Any]) -> Any:
         from flows.outputs import job_outputs
 
-        return self.pool.submit(job_outputs, **kwargs)
+        return self.exports.submit(job_outputs, **kwargs)
 
     def on_done(self, handle: Any, fn: Callable[[], None]) -> None:
         handle.add_done_callback(lambda _: fn())
@@ -252,6 +185,7 @@ class InlineExecutor:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+        self.exports.shutdown(wait=True)
 
 
 # ---- the scheduler -----------------------------------------------------------------------------------------
@@ -288,6 +222,10 @@ def schedule(plans: list[JobPlan], executor: Executor, store: ArtifactStore, rep
     done_q: queue.Queue[tuple[str, str]] = queue.Queue()
     handles: dict[tuple[str, str], Any] = {}  # ("stage", key) / ("outputs", job) -> handle
     failed: set[str] = set()
+    # Ready stage calls waiting for a slot, earliest job first (its export can then start early).
+    ready: list[tuple[int, int, str]] = []
+    rank = {p.job_id: i for i, p in enumerate(plans)}
+    in_flight = [0]
 
     def end_job(plan: JobPlan) -> None:
         res = results[plan.job_id]
@@ -307,6 +245,11 @@ def schedule(plans: list[JobPlan], executor: Executor, store: ArtifactStore, rep
 
     def close_job(plan: JobPlan) -> None:
         res = results[plan.job_id]
+        try:  # artifacts written behind the compute are committed before the job's manifest points at them
+            store_for(store.url, store.storage_options or None).flush(
+                sp.key for sp in plan.stages.values() if sp.key)
+        except Exception as exc:
+            res.status, res.error = "failed", res.error or error_text(exc)
         if plan.job is not None:
             record(store, plan, res)
         res.seconds = time.perf_counter() - start
@@ -332,6 +275,10 @@ def schedule(plans: list[JobPlan], executor: Executor, store: ArtifactStore, rep
 
     def submit(key: str) -> None:
         plan, sp = users[key][0]
+        slots = executor.stage_slots
+        if slots is not None and in_flight[0] >= slots:
+            heapq.heappush(ready, (rank[plan.job_id], len(ready), key))
+            return
         externals = None
         if sp.status == "run" and sp.externals and plan.externals is not None:
             try:
@@ -340,6 +287,7 @@ def schedule(plans: list[JobPlan], executor: Executor, store: ArtifactStore, rep
                 complete(key, None, error_text(exc))
                 return
         item = ("stage", key)
+        in_flight[0] += 1
         handles[item] = executor.submit(plan.job_id, sp, externals)
         executor.on_done(handles[item], lambda: done_q.put(item))
 
@@ -387,16 +335,19 @@ def schedule(plans: list[JobPlan], executor: Executor, store: ArtifactStore, rep
         kind, name = item
         ref, error = executor.outcome(handles[item])
         if kind == "stage":
+            in_flight[0] -= 1
             complete(name, ref, error)  # may submit the stages that were waiting for it
+            while ready and (executor.stage_slots is None or in_flight[0] < executor.stage_slots):
+                submit(heapq.heappop(ready)[2])
             continue
         res = results[name]
-        if error is not None:  # an export problem fails this job only
-            res.status, res.error = "failed", f"export: {error}"
+        if error is not None:  # an export (or commit) problem fails this job only
+            res.status, res.error = "failed", error if error.startswith("store: ") else f"export: {error}"
         else:
             files = dict(ref or {})
             res.outputs_seconds = float(files.pop("_seconds", 0.0))
             res.outputs = files
         close_job(by_id[name])
-    order = {p.job_id: i for i, p in enumerate(plans)}
-    jobs = sorted(results.values(), key=lambda r: order[r.job_id])
+    flush_all()
+    jobs = sorted(results.values(), key=lambda r: rank[r.job_id])
     return RunReport(jobs, time.perf_counter() - start, executor.name)

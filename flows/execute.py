@@ -90,8 +90,12 @@ def execute(
     externals: Mapping[str, np.ndarray] | None = None,
     device: str = "cpu",
     on_compute: Callable[[StageCall], None] | None = None,
+    *,
+    write_behind: bool = False,
 ) -> Outcome:
-    """Return the stored artifact for ``call``, computing and committing it if absent."""
+    """Return the stored artifact for ``call``, computing and committing it if absent.
+
+    ``write_behind``: hand the commit to the store's writer thread (``store.write_later``) and return."""
     ref = call.ref
     if store.exists(ref):
         return Outcome(ref, True, 0.0)
@@ -126,5 +130,8 @@ def execute(
     if stage.attrs_fn:
         attrs.update(stage.attrs_fn(stage.resolve_params(call.params), **arrays))
     dims = {name: stage.outputs[name].dims for name in out}
-    store.write(ref, out, dims, attrs)
+    if write_behind and hasattr(store, "write_later"):
+        store.write_later(ref, out, dims, attrs)
+    else:
+        store.write(ref, out, dims, attrs)
     return Outcome(ref, False, seconds)

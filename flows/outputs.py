@@ -154,10 +154,11 @@ def job_outputs(store_url: str, store_options: dict[str, Any] | None, job_id: st
     """
     import time
 
-    from flows.engine import store_for
+    from flows.worker_store import store_for
 
     t0 = time.perf_counter()
     store = store_for(store_url, store_options)
+    store.flush(refs.values())  # this process's writes behind the compute: committed before anything exports
     done = {s: ArtifactRef(s, k) for s, k in refs.items()}
     folder = Path(out_root) / job_id
     stamp = {"refs": dict(refs), "formats": list(formats), "restore_source": restore_source, "contact": contact}

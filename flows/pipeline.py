@@ -29,9 +29,10 @@ from prefect.cache_policies import CachePolicy  # noqa: E402
 from prefect.context import TaskRunContext  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
-from flows.engine import RunReport, error_text, run_stage, schedule, store_for  # noqa: E402
+from flows.engine import RunReport, error_text, run_stage, schedule  # noqa: E402
 from flows.plan import JobPlan, StagePlan  # noqa: E402
 from flows.profiles import Profile  # noqa: E402
+from flows.worker_store import store_for  # noqa: E402
 from storage.store import ArtifactStore  # noqa: E402
 
 
@@ -69,9 +70,10 @@ def transient(task_: Any, task_run: Any, state: Any) -> bool:
 @task(name="stage", cache_policy=StoreKeyPolicy(), persist_result=True, retries=2, retry_delay_seconds=2,
       retry_condition_fn=transient)
 def stage_task(call: Any, store_url: str, store_options: dict[str, Any] | None, device: str,
-               externals: dict[str, Any] | None, threads: int | None = None) -> dict[str, Any]:
+               externals: dict[str, Any] | None, threads: int | None = None, write_behind: bool = False
+               ) -> dict[str, Any]:
     """One stage call (submitted once the artifacts it reads exist)."""
-    return run_stage(call, store_url, store_options, device, externals, threads)
+    return run_stage(call, store_url, store_options, device, externals, threads, write_behind)
 
 
 @task(name="export", retries=1, retry_condition_fn=transient)
@@ -89,11 +91,16 @@ class PrefectExecutor:
 
     def __init__(self, store: ArtifactStore, profile: Profile) -> None:
         self.store, self.profile = store, profile
+        # Threads: the runner has one thread more than stage slots, for exports. Ray queues tasks itself,
+        # and its workers commit before returning (the next stage may run in another process).
+        self.in_process = profile.runner.kind == "local"
+        self.stage_slots = profile.runner.max_workers if self.in_process else None
 
     def submit(self, job_id: str, sp: StagePlan, externals: dict[str, Any] | None) -> Any:
         t = stage_task.with_options(name=sp.stage, task_run_name=f"{job_id}:{sp.stage}")
         args = {"call": sp.call, "store_url": self.store.url, "store_options": self.store.storage_options or None,
-                "device": self.profile.device, "externals": externals, "threads": self._threads()}
+                "device": self.profile.device, "externals": externals, "threads": self._threads(),
+                "write_behind": self.in_process}
         return self._submit(t, args, gpu=sp.gpu)
 
     def submit_outputs(self, job_id: str, kwargs: dict[str, Any]) -> Any:
@@ -155,7 +162,7 @@ def task_runner_for(profile: Profile) -> Any:
             if r.num_gpus is not None:
                 init["num_gpus"] = r.num_gpus
         return RayTaskRunner(address=r.address, init_kwargs=init)
-    return ThreadPoolTaskRunner(max_workers=r.max_workers)
+    return ThreadPoolTaskRunner(max_workers=r.max_workers + 1)  # + 1: exports (PrefectExecutor.stage_slots)
 
 
 # ---- what the CLI hands the flow in-process (plans hold arrays; flow parameters stay small) -------------

@@ -57,6 +57,12 @@ def test_gif_and_pngs(bear_clip: np.ndarray, tmp_path: Path) -> None:
         assert im.n_frames == len(bear_clip)
         assert im.size == (256, 256)
         assert im.info["duration"] == 120  # 125 ms, in the format's 10 ms steps
+        decoded = []
+        for i in range(im.n_frames):
+            im.seek(i)
+            decoded.append(np.asarray(im.convert("RGB")))
+    # One 256-colour palette for the clip, no dithering: close to the frames, not merely the right shape.
+    assert np.abs(np.stack(decoded).astype(np.float32) - bear_clip).mean() < 4.0
     pngs = sorted(out["png"].glob("*.png"))
     assert [p.name for p in pngs] == [f"{i:05d}.png" for i in range(len(bear_clip))]
     assert np.array_equal(cv2.imread(str(pngs[3]))[..., ::-1], bear_clip[3])  # lossless

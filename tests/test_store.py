@@ -68,6 +68,25 @@ def test_zarr_layout_and_codec(tmp_path: Path) -> None:
     assert ds["frames"].shape == CLIP.shape
 
 
+def test_chunks_follow_the_dims(tmp_path: Path) -> None:
+    """Per-frame chunks in one shard (one file per array) for frame/pair arrays; one chunk for an image."""
+    import zarr
+
+    store = ArtifactStore(tmp_path / "s")
+    image = CLIP[0]
+    ref = store.write(ArtifactRef("edit", "ef" + "2" * 62), {"frames": CLIP, "edited_frame": image},
+                      {"frames": DIMS["frames"], "edited_frame": ("y", "x", "channel")}, {})
+    group = zarr.open_group(str(tmp_path / "s" / ref.path), mode="r")
+    frames, edited = group["frames"], group["edited_frame"]
+    assert frames.chunks == (1, *CLIP.shape[1:]) and frames.shards == CLIP.shape
+    assert edited.chunks == image.shape and edited.shards is None
+    files = [p for p in (tmp_path / "s" / ref.path / "frames").rglob("*") if p.is_file() and p.name != "zarr.json"]
+    assert len(files) == 1  # the shard
+    # A single frame is read through the shard index without decoding the others.
+    np.testing.assert_array_equal(frames[2], CLIP[2])
+    np.testing.assert_array_equal(store.read(ref)["edited_frame"], image)
+
+
 def test_writer_killed_mid_artifact_is_never_a_hit(tmp_path: Path) -> None:
     root = tmp_path / "store"
     flag = tmp_path / "half-written"
