@@ -11,9 +11,8 @@ Importing this module imports Prefect; the CLI does so only when a run has work 
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,17 +69,27 @@ def transient(task_: Any, task_run: Any, state: Any) -> bool:
 @task(name="stage", cache_policy=StoreKeyPolicy(), persist_result=True, retries=2, retry_delay_seconds=2,
       retry_condition_fn=transient)
 def stage_task(call: Any, store_url: str, store_options: dict[str, Any] | None, device: str,
-               externals: dict[str, Any] | None, threads: int | None = None, write_behind: bool = False
-               ) -> dict[str, Any]:
-    """One stage call (submitted once the artifacts it reads exist)."""
+               externals: dict[str, Any] | None, threads: int | None = None, write_behind: bool = False,
+               ray_resources: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One stage call (submitted once the artifacts it reads exist); ``ray_resources``: its body runs as a
+    Ray task with that reservation (``dispatch: ray``)."""
+    if ray_resources is not None:
+        from flows import ray_dispatch
+
+        return ray_dispatch.call(run_stage, ray_resources, call, store_url, store_options, device, externals,
+                                 threads)
     return run_stage(call, store_url, store_options, device, externals, threads, write_behind)
 
 
 @task(name="export", retries=1, retry_condition_fn=transient)
-def outputs_task(**kwargs: Any) -> dict[str, str]:
+def outputs_task(ray_resources: dict[str, Any] | None = None, **kwargs: Any) -> dict[str, str]:
     """A finished job's video files and contact sheet (no-op when up to date)."""
     from flows.outputs import job_outputs
 
+    if ray_resources is not None:
+        from flows import ray_dispatch
+
+        return ray_dispatch.call(job_outputs, ray_resources, **kwargs)
     return job_outputs(**kwargs)
 
 
@@ -91,10 +100,16 @@ class PrefectExecutor:
 
     def __init__(self, store: ArtifactStore, profile: Profile) -> None:
         self.store, self.profile = store, profile
-        # Threads: the runner has one thread more than stage slots, for exports. Ray queues tasks itself,
-        # and its workers commit before returning (the next stage may run in another process).
-        self.in_process = profile.runner.kind == "local"
-        self.stage_slots = profile.runner.max_workers if self.in_process else None
+        # Threads: the runner has one thread more than stage slots, for exports. Ray workers commit before
+        # returning (the next stage may run in another process); prefect-ray's runner queues tasks itself.
+        r = profile.runner
+        self.in_process = r.kind == "local"
+        self.ray_tasks = r.kind == "ray" and r.dispatch == "ray"
+        self.stage_slots: int | None = r.max_workers if self.in_process else None
+        if self.ray_tasks:
+            from flows import ray_dispatch
+
+            self.stage_slots = ray_dispatch.stage_slots(profile)
 
     def submit(self, job_id: str, sp: StagePlan, externals: dict[str, Any] | None) -> Any:
         t = stage_task.with_options(name=sp.stage, task_run_name=f"{job_id}:{sp.stage}")
@@ -106,22 +121,27 @@ class PrefectExecutor:
     def submit_outputs(self, job_id: str, kwargs: dict[str, Any]) -> Any:
         return self._submit(outputs_task.with_options(task_run_name=f"{job_id}:export"), kwargs, gpu=False)
 
+    def _resources(self, gpu: bool) -> dict[str, Any]:
+        opts = self.profile.runner
+        resources: dict[str, Any] = {"num_cpus": opts.cpus_per_task}
+        if gpu and self.profile.device.startswith("cuda"):
+            # Ray retires a GPU task's worker after one call by default (max_calls=1): keep it, so the
+            # model it loaded stays loaded for the next task.
+            resources.update(num_gpus=opts.gpus_per_task, max_calls=0)
+        return resources
+
     def _threads(self) -> int | None:
         """Ray workers: threads per task = the CPUs the task reserves (local threads keep the defaults)."""
         r = self.profile.runner
         return max(1, int(r.cpus_per_task)) if r.kind == "ray" else None
 
     def _submit(self, t: Any, args: dict[str, Any], *, gpu: bool) -> Any:
-        opts = self.profile.runner
-        if opts.kind == "ray":
+        if self.ray_tasks:
+            return t.submit(**args, ray_resources=self._resources(gpu))
+        if self.profile.runner.kind == "ray":
             from prefect_ray.context import remote_options
 
-            resources: dict[str, Any] = {"num_cpus": opts.cpus_per_task}
-            if gpu and self.profile.device.startswith("cuda"):
-                # Ray retires a GPU task's worker after one call by default (max_calls=1): keep it, so the
-                # model it loaded stays loaded for the next task.
-                resources.update(num_gpus=opts.gpus_per_task, max_calls=0)
-            with remote_options(**resources):
+            with remote_options(**self._resources(gpu)):
                 return t.submit(**args)
         return t.submit(**args)
 
@@ -147,21 +167,16 @@ class PrefectExecutor:
 
 def task_runner_for(profile: Profile) -> Any:
     r = profile.runner
-    if r.kind == "ray":
+    if r.kind == "ray" and r.dispatch == "prefect-ray":
         from prefect_ray import RayTaskRunner
 
-        # Quiet, like the rest of the CLI: no dashboard, worker output and Ray's INFO lines stay in Ray's logs.
-        init: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                                "logging_level": logging.WARNING}
-        if r.address is None:
-            # Ray runs its workers at nice 15 by default, behind every other process of the machine; a local
-            # Ray started for v2v is the main compute, so keep it at normal priority (inherited by the raylet).
-            os.environ.setdefault("RAY_worker_niceness", "0")
-            if r.num_cpus:
-                init["num_cpus"] = r.num_cpus
-            if r.num_gpus is not None:
-                init["num_gpus"] = r.num_gpus
-        return RayTaskRunner(address=r.address, init_kwargs=init)
+        from flows.ray_dispatch import init_kwargs
+
+        return RayTaskRunner(address=r.address, init_kwargs=init_kwargs(profile))
+    if r.kind == "ray":  # threads waiting on Ray tasks: one per slot, + 1 for exports
+        from flows.ray_dispatch import stage_slots
+
+        return ThreadPoolTaskRunner(max_workers=stage_slots(profile) + 1)
     return ThreadPoolTaskRunner(max_workers=r.max_workers + 1)  # + 1: exports (PrefectExecutor.stage_slots)
 
 
@@ -227,6 +242,11 @@ def edit_video(video: str, prompt: str, profile: str = "local", store: str | Non
 def run_flow(flow_name: str, params: dict[str, Any], profile: Profile) -> RunReport:
     """Call a flow with the profile's task runner inside a managed Prefect session."""
     fl = {"edit_catalog": edit_catalog, "edit_video": edit_video}[flow_name]
-    with prefect_env.prefect_session():
+    r = profile.runner
+    with prefect_env.prefect_session(), contextlib.ExitStack() as stack:
+        if r.kind == "ray" and r.dispatch == "ray":
+            from flows.ray_dispatch import ray_session
+
+            stack.enter_context(ray_session(profile))
         result = fl.with_options(task_runner=task_runner_for(profile))(**params)
     return result["_report"]

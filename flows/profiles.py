@@ -36,6 +36,10 @@ class RunnerConfig(BaseModel):
     num_gpus: int | None = Field(None, ge=0, description="ray: GPUs of the local Ray (None = detect)")
     cpus_per_task: float = Field(1.0, gt=0, description="ray: CPUs each stage task reserves")
     gpus_per_task: float = Field(1.0, gt=0, description="ray: GPUs a GPU stage reserves (when device is cuda)")
+    dispatch: Literal["ray", "prefect-ray"] = Field(
+        "ray", description="ray: Prefect tasks in this process send each stage's body to Ray as a plain task "
+                           "(1 ms each); prefect-ray: prefect-ray's RayTaskRunner runs whole Prefect tasks in "
+                           "the workers (about 160 ms each, and the workers need the Prefect API)")
 
 
 class Profile(BaseModel):

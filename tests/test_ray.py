@@ -1,4 +1,5 @@
-"""The ``ray`` profile: the demo catalog on a local Ray with 2 workers, through prefect-ray's task runner."""
+"""The ``ray`` profile: the demo catalog on a local Ray with 2 workers (stage bodies as Ray tasks, and through
+prefect-ray's task runner)."""
 
 from __future__ import annotations
 
@@ -78,3 +79,24 @@ def test_ray_profile_runs_the_demo_catalog_on_two_workers(tmp_path: Path, local_
         key = a.job(job)["artifacts"]["generate"]
         assert np.array_equal(a.read(ArtifactRef("generate", key))["video"],
                               b.read(ArtifactRef("generate", key))["video"])
+
+
+@pytest.mark.parametrize("dispatch", ["ray", "prefect-ray"])
+def test_a_bad_input_on_ray_fails_its_job_with_its_reason(tmp_path: Path, local_ray: object, dispatch: str
+                                                          ) -> None:
+    """Both dispatches: the worker's own error message reaches the summary, and the other job finishes."""
+    cat = demo_catalog(tmp_path)
+    prof = load_profile("ray")
+    prof = prof.model_copy(update={
+        "out": str(tmp_path / "out"), "params": TINY,
+        "backends": {**OFFLINE, "source_masks": "provided"},  # the bear job has a mask for frame 0 only
+        "runner": prof.runner.model_copy(update={"dispatch": dispatch})})
+    report, _ = run_catalog(cat, profile=prof, store=str(tmp_path / "store"), overrides={"params": TINY})
+    jobs = {j.job_id: j for j in report.jobs}
+    assert jobs["bear-elephant"].status == "failed"
+    assert jobs["bear-elephant"].error.startswith("source_masks: source_masks (provided): 1 masks for 4 frames"), \
+        jobs["bear-elephant"].error
+    assert "Traceback" not in jobs["bear-elephant"].error
+    assert jobs["ball-cone"].status == "done", jobs["ball-cone"].error
+    pids = {r.pid for r in jobs["ball-cone"].stages.values() if r.status == "computed"}
+    assert pids and os.getpid() not in pids
