@@ -67,6 +67,25 @@ def prefect_server() -> str:
     return prefect_env.ensure_server()
 
 
+def latest_flow_task_runs(expected: int, timeout: float = 20.0) -> set[str]:
+    """Names of the task runs of the newest flow run, once Prefect has recorded ``expected`` of them (the
+    temporary server records task-run events in batches, every second)."""
+    import time
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
+        deadline = time.monotonic() + timeout
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+            if len(runs) >= expected or time.monotonic() > deadline:
+                return {r.name for r in runs}
+            time.sleep(0.5)
+
+
 def counts() -> dict[str, int]:
     return dict(execute_mod.COMPUTE_COUNT)
 
@@ -94,6 +113,10 @@ def test_catalog_runs_then_reruns_compute_nothing(tmp_path: Path, prefect_server
     for job in report.jobs:
         assert Path(job.outputs["mp4"]).stat().st_size > 0
         assert Path(job.outputs["contact_sheet"]).is_file()
+    # Prefect recorded one task run per stage call and per export, named job:stage.
+    names = latest_flow_task_runs(expected=len({sp.key for p in plans for sp in p.stages.values()
+                                                if sp.status == "run"}) + 3)
+    assert {"bear:generate", "ball:motion", "bear-seed7:export"} <= names, sorted(names)
 
     # Second run: no stage function may be called at all.
     def forbidden(self: Stage, *a: object, **k: object) -> None:
