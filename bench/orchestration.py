@@ -7,9 +7,10 @@ Prints, from one run:
   ``(wall - compute) / compute`` (planning, store I/O, Prefect, what is left of the exports),
 * the cached re-run's seconds per job (no stage runs; Prefect is not started) and, for comparison, the same
   re-run forced through Prefect (every task a cache hit),
-* Ray runner (prefect-ray, started before timing) with 2 workers, then 1 worker: wall time, speedup over
-  local and over itself with one worker (commits are synchronous on Ray workers: the next stage may run in
-  another process).
+* Ray runner (stage bodies as Ray tasks, Ray started before timing) with 2 workers, then 1 worker: wall
+  time, speedup over local and over itself with one worker (commits are synchronous on Ray workers: the next
+  stage may run in another process),
+* the cost of one no-op task for each way of dispatching a stage (threads, threads + Ray, prefect-ray).
 
 Usage: python bench/orchestration.py [--jobs 20] [--frames 16] [--size 256] [--keep DIR]
 """
@@ -40,6 +41,52 @@ def cpu_seconds(pid: int) -> float:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return 0.0
+
+
+def _noop(i: int) -> int:
+    return i
+
+
+def per_task_seconds(n: int = 100) -> dict[str, float]:
+    """Wall seconds per no-op task for each way a stage can be dispatched (Ray initialised, 2 CPUs)."""
+    import ray
+    from prefect import flow, task
+    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect_ray import RayTaskRunner
+
+    from flows import ray_dispatch
+
+    @task
+    def noop(i: int) -> int:
+        return i
+
+    @task
+    def noop_on_ray(i: int) -> int:
+        return ray_dispatch.call(_noop, {"num_cpus": 1}, i)
+
+    def many(t: Any) -> Any:
+        @flow
+        def many_tasks(k: int) -> list[int]:
+            return [f.result() for f in [t.submit(i) for i in range(k)]]
+        return many_tasks
+
+    address = ray.get_runtime_context().gcs_address
+    ways = {"Prefect task on threads (local runner)": (noop, ThreadPoolTaskRunner(max_workers=3)),
+            "Prefect task on threads + plain Ray task (dispatch: ray)": (noop_on_ray, ThreadPoolTaskRunner(3)),
+            "Prefect task inside a Ray worker (dispatch: prefect-ray)": (noop, RayTaskRunner(address=address))}
+    out: dict[str, float] = {}
+    for name, (t, runner) in ways.items():
+        fl = many(t).with_options(task_runner=runner)
+        fl(4)  # warm: imports, workers
+        start = time.perf_counter()
+        fl(n)
+        out[name] = (time.perf_counter() - start) / n
+    remote = ray.remote(_noop)
+    ray.get([remote.remote(i) for i in range(8)])
+    start = time.perf_counter()
+    ray.get([remote.remote(i) for i in range(n)])
+    out["plain Ray task (no Prefect)"] = (time.perf_counter() - start) / n
+    return out
 
 
 def make_catalog(folder: Path, jobs: int) -> Path:
@@ -113,6 +160,8 @@ def main() -> None:
             prof = ray_prof.model_copy(update={"out": str(work / f"out-ray{cpus}"),
                                                "runner": RunnerConfig(kind="ray", num_cpus=cpus)})
             ray_runs[cpus] = (*run(prof, str(work / f"store-ray{cpus}"), f"ray{cpus}"), init_s)
+            if cpus == 2:
+                dispatch_costs = per_task_seconds()
         finally:
             ray.shutdown()
     ray_wall, ray_compute, ray_report, ray_init_s = ray_runs[2]
@@ -139,6 +188,9 @@ def main() -> None:
     print(f"ray    wall time, 1 worker:     {ray1_wall:8.1f} s")
     print(f"ray vs local speedup:           {local_wall / ray_wall:8.2f}x")
     print(f"ray 2 workers vs 1:             {ray1_wall / ray_wall:8.2f}x")
+    print("seconds per no-op task, 100 tasks, 2 CPUs:")
+    for name, seconds in dispatch_costs.items():
+        print(f"         {name:58s} {seconds * 1000:7.1f} ms")
     print(f"CPU seconds, Prefect server process: local {cpu['local server']:.1f}, ray {cpu['ray2 server']:.1f}, "
           f"cached re-run through Prefect {cpu['forced server']:.1f}; this process (scheduler, Prefect client; "
           f"local: the stages too): local {cpu['local']:.1f}, ray {cpu['ray2']:.1f}")

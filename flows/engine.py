@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from flows.execute import execute
 from flows.plan import JobPlan, StagePlan
-from flows.worker_store import flush_all, store_for
+from flows.worker_store import CommitError, flush_all, store_for
 from storage.store import ArtifactStore
 
 
@@ -148,7 +148,6 @@ def run_stage(call: Any, store_url: str, store_options: dict[str, Any] | None, d
 
 
 def error_text(exc: BaseException) -> str:
-    from flows.worker_store import CommitError
     from stages.base import StageInputError
 
     if isinstance(exc, StageInputError | CommitError):

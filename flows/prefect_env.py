@@ -29,8 +29,9 @@ _DEFAULTS = {
 
 
 # The temporary server records task runs from their events one insert per event by default (batch size 1);
-# with stages of a fraction of a second that cost it ~75 ms of CPU per task on this 2-core machine, taken
-# from the stages. Batches of up to 200 events, flushed every second (and at shutdown), cost a tenth of it.
+# with stages of a fraction of a second that cost it ~70 ms of CPU per task on this 2-core machine, taken
+# from the stages. Batches of up to 200 events, flushed every second (and at shutdown), halve the server's CPU
+# per run (bench/orchestration.py).
 _RECORDER_BATCHING = {
     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "200",
     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",

@@ -140,7 +140,6 @@ class WorkerStore:
             future = self._writer.submit(self._store.write, ref, held, *args, **kwargs)
             self._pending[ref.key] = (future, held)
             self._stages[ref.key] = ref.stage
-        ARRAYS.put_all(ref.key, held)
         future.add_done_callback(lambda f: self._done(ref.key, f))
         self._backpressure()
         return ref
@@ -148,6 +147,8 @@ class WorkerStore:
     def _done(self, key: str, future: cf.Future[Any]) -> None:
         if future.exception() is None:  # failed writes stay pending until a flush reports them
             with self._lock:
+                _, held = self._pending[key]
+                ARRAYS.put_all(key, held)  # before it stops being pending: reads never fall through to disk
                 self._pending.pop(key, None)
                 self._stages.pop(key, None)
 
