@@ -43,10 +43,6 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
 
 
-def _noop(i: int) -> int:
-    return i
-
-
 def per_task_seconds(n: int = 100) -> dict[str, float]:
     """Wall seconds per no-op task for each way a stage can be dispatched (Ray initialised, 2 CPUs)."""
     import ray
@@ -55,14 +51,15 @@ def per_task_seconds(n: int = 100) -> dict[str, float]:
     from prefect_ray import RayTaskRunner
 
     from flows import ray_dispatch
+    from flows.engine import limit_threads  # a no-op with None, importable by workers (as run_stage is)
 
     @task
     def noop(i: int) -> int:
         return i
 
     @task
-    def noop_on_ray(i: int) -> int:
-        return ray_dispatch.call(_noop, {"num_cpus": 1}, i)
+    def noop_on_ray(i: int) -> None:
+        return ray_dispatch.call(limit_threads, {"num_cpus": 1}, None)
 
     def many(t: Any) -> Any:
         @flow
@@ -81,10 +78,10 @@ def per_task_seconds(n: int = 100) -> dict[str, float]:
         start = time.perf_counter()
         fl(n)
         out[name] = (time.perf_counter() - start) / n
-    remote = ray.remote(_noop)
-    ray.get([remote.remote(i) for i in range(8)])
+    remote = ray.remote(limit_threads)
+    ray.get([remote.remote(None) for _ in range(8)])
     start = time.perf_counter()
-    ray.get([remote.remote(i) for i in range(n)])
+    ray.get([remote.remote(None) for _ in range(n)])
     out["plain Ray task (no Prefect)"] = (time.perf_counter() - start) / n
     return out
 

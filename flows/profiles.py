@@ -37,9 +37,9 @@ class RunnerConfig(BaseModel):
     cpus_per_task: float = Field(1.0, gt=0, description="ray: CPUs each stage task reserves")
     gpus_per_task: float = Field(1.0, gt=0, description="ray: GPUs a GPU stage reserves (when device is cuda)")
     dispatch: Literal["ray", "prefect-ray"] = Field(
-        "ray", description="ray: Prefect tasks in this process send each stage's body to Ray as a plain task "
-                           "(1 ms each); prefect-ray: prefect-ray's RayTaskRunner runs whole Prefect tasks in "
-                           "the workers (about 160 ms each, and the workers need the Prefect API)")
+        "ray", description="ray: Prefect tasks in this process send each stage's body to Ray as a plain task; "
+                           "prefect-ray: prefect-ray's RayTaskRunner runs whole Prefect tasks in the workers "
+                           "(about 150 ms more per task here, and the workers need the Prefect API)")
 
 
 class Profile(BaseModel):

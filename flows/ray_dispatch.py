@@ -1,8 +1,8 @@
 """Stage bodies as plain Ray tasks, called from Prefect tasks that run in this process (``dispatch: ray``).
 
 prefect-ray's ``RayTaskRunner`` runs Prefect's whole task engine inside the Ray worker: on this 2-core machine
-that costs 163 ms per task against 21 ms for a Prefect task on threads and 1.3 ms for a plain Ray task (a
-no-op task, 100 of them; bench/orchestration.py shows it on a catalog). With ``dispatch: ray`` (the default)
+that costs about 150 ms per task, against 22 ms for a Prefect task on threads, with or without its body sent to
+Ray, and 1 ms for a plain Ray task (no-op tasks, ``bench/orchestration.py``). With ``dispatch: ray`` (the default)
 each stage stays one Prefect task run, with its cache key, retries and state, in this process's threads, and
 only its body, :func:`flows.engine.run_stage`, goes to Ray with the stage's CPU/GPU reservation. Ray keeps
 worker processes alive between tasks (GPU tasks too, ``max_calls=0``), so models load once per worker; the
