@@ -12,6 +12,7 @@ import concurrent.futures as cf
 import heapq
 import os
 import queue
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -132,17 +133,30 @@ def limit_threads(threads: int | None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
+_GATES: dict[int, threading.BoundedSemaphore] = {}
+
+
+def compute_gate(slots: int) -> threading.BoundedSemaphore:
+    """This process's bound on stages computing at once (shared by every call asking for ``slots``)."""
+    return _GATES.setdefault(slots, threading.BoundedSemaphore(slots))
+
+
 def run_stage(call: Any, store_url: str, store_options: dict[str, Any] | None, device: str,
-              externals: dict[str, Any] | None, threads: int | None = None, write_behind: bool = False
-              ) -> dict[str, Any]:
+              externals: dict[str, Any] | None, threads: int | None = None, write_behind: bool = False,
+              compute_slots: int | None = None) -> dict[str, Any]:
     """Execute one stage call against the store; returns a small reference (never arrays).
 
     ``write_behind``: commit the artifact on this process's writer thread (in-process executors, whose
-    next stage reads the arrays from memory; see :mod:`flows.worker_store`)."""
+    next stage reads the arrays from memory; see :mod:`flows.worker_store`). ``compute_slots``: at most that
+    many stages of this process compute at once, while more calls may be in flight (their orchestration and
+    input reads overlap the computing ones)."""
     limit_threads(threads)
     t0 = time.perf_counter()
-    out = execute(call, store_for(store_url, store_options), externals, device, write_behind=write_behind)
-    io = time.perf_counter() - t0 - out.seconds  # reading inputs, writing the artifact (or the cache check)
+    gate = compute_gate(compute_slots) if compute_slots else None
+    out = execute(call, store_for(store_url, store_options), externals, device, write_behind=write_behind,
+                  compute_gate=gate)
+    # Reading inputs, writing the artifact (or the cache check); not the wait for a compute slot.
+    io = time.perf_counter() - t0 - out.seconds - out.waited
     return {"stage": call.stage, "key": call.key, "cached": out.cached, "seconds": round(out.seconds, 4),
             "io_seconds": round(io, 4), "pid": os.getpid()}
 

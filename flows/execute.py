@@ -7,8 +7,10 @@ The Prefect tasks, the Ray workers and the tests all call :func:`execute`. A cal
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +80,7 @@ class Outcome:
     ref: ArtifactRef
     cached: bool
     seconds: float
+    waited: float = 0.0  # seconds spent waiting for ``compute_gate``
 
 
 # Counts actual stage computations in this process (tests prove cached runs compute nothing).
@@ -92,10 +95,13 @@ def execute(
     on_compute: Callable[[StageCall], None] | None = None,
     *,
     write_behind: bool = False,
+    compute_gate: AbstractContextManager[Any] | None = None,
 ) -> Outcome:
     """Return the stored artifact for ``call``, computing and committing it if absent.
 
-    ``write_behind``: hand the commit to the store's writer thread (``store.write_later``) and return."""
+    ``write_behind``: hand the commit to the store's writer thread (``store.write_later``) and return.
+    ``compute_gate``: held while the stage computes (a semaphore bounding the stages computing at once; the
+    orchestration around a call, reading its inputs included, runs outside it)."""
     ref = call.ref
     if store.exists(ref):
         return Outcome(ref, True, 0.0)
@@ -115,9 +121,11 @@ def execute(
         arrays.update(store.read(upstream, names))
     if on_compute:
         on_compute(call)
-    start = time.perf_counter()
-    out = stage.run(arrays, call.params, call.backend, call.weights, device)
-    seconds = time.perf_counter() - start
+    waiting = time.perf_counter()
+    with compute_gate or contextlib.nullcontext():
+        start = time.perf_counter()
+        out = stage.run(arrays, call.params, call.backend, call.weights, device)
+        seconds = time.perf_counter() - start
     COMPUTE_COUNT[call.stage] = COMPUTE_COUNT.get(call.stage, 0) + 1
     attrs: dict[str, Any] = {
         "version": stage.version,
@@ -134,4 +142,4 @@ def execute(
         store.write_later(ref, out, dims, attrs)
     else:
         store.write(ref, out, dims, attrs)
-    return Outcome(ref, False, seconds)
+    return Outcome(ref, False, seconds, start - waiting)

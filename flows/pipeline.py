@@ -70,7 +70,7 @@ def transient(task_: Any, task_run: Any, state: Any) -> bool:
       retry_condition_fn=transient)
 def stage_task(call: Any, store_url: str, store_options: dict[str, Any] | None, device: str,
                externals: dict[str, Any] | None, threads: int | None = None, write_behind: bool = False,
-               ray_resources: dict[str, Any] | None = None) -> dict[str, Any]:
+               ray_resources: dict[str, Any] | None = None, compute_slots: int | None = None) -> dict[str, Any]:
     """One stage call (submitted once the artifacts it reads exist); ``ray_resources``: its body runs as a
     Ray task with that reservation (``dispatch: ray``)."""
     if ray_resources is not None:
@@ -78,7 +78,7 @@ def stage_task(call: Any, store_url: str, store_options: dict[str, Any] | None, 
 
         return ray_dispatch.call(run_stage, ray_resources, call, store_url, store_options, device, externals,
                                  threads)
-    return run_stage(call, store_url, store_options, device, externals, threads, write_behind)
+    return run_stage(call, store_url, store_options, device, externals, threads, write_behind, compute_slots)
 
 
 @task(name="export", retries=1, retry_condition_fn=transient)
@@ -100,12 +100,14 @@ class PrefectExecutor:
 
     def __init__(self, store: ArtifactStore, profile: Profile) -> None:
         self.store, self.profile = store, profile
-        # Threads: the runner has one thread more than stage slots, for exports. Ray workers commit before
-        # returning (the next stage may run in another process); prefect-ray's runner queues tasks itself.
+        # Local threads: max_workers stages compute at once (a gate inside the task), one more stage task is in
+        # flight so that Prefect's ~20 ms per task and its input reads overlap the computing stage, and the
+        # runner has a thread for exports on top. Ray workers commit before returning (the next stage may run
+        # in another process); prefect-ray's runner queues tasks itself.
         r = profile.runner
         self.in_process = r.kind == "local"
         self.ray_tasks = r.kind == "ray" and r.dispatch == "ray"
-        self.stage_slots: int | None = r.max_workers if self.in_process else None
+        self.stage_slots: int | None = r.max_workers + 1 if self.in_process else None
         if self.ray_tasks:
             from flows import ray_dispatch
 
@@ -116,6 +118,8 @@ class PrefectExecutor:
         args = {"call": sp.call, "store_url": self.store.url, "store_options": self.store.storage_options or None,
                 "device": self.profile.device, "externals": externals, "threads": self._threads(),
                 "write_behind": self.in_process}
+        if self.in_process:
+            args["compute_slots"] = self.profile.runner.max_workers
         return self._submit(t, args, gpu=sp.gpu)
 
     def submit_outputs(self, job_id: str, kwargs: dict[str, Any]) -> Any:
@@ -177,7 +181,7 @@ def task_runner_for(profile: Profile) -> Any:
         from flows.ray_dispatch import stage_slots
 
         return ThreadPoolTaskRunner(max_workers=stage_slots(profile) + 1)
-    return ThreadPoolTaskRunner(max_workers=r.max_workers + 1)  # + 1: exports (PrefectExecutor.stage_slots)
+    return ThreadPoolTaskRunner(max_workers=r.max_workers + 2)  # see PrefectExecutor.stage_slots
 
 
 # ---- what the CLI hands the flow in-process (plans hold arrays; flow parameters stay small) -------------
