@@ -17,7 +17,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -80,14 +80,22 @@ ARRAYS = ArrayCache(int(float(os.environ.get("V2V_ARRAY_CACHE_MB", "512")) * 2**
 PENDING_MAX_BYTES = int(float(os.environ.get("V2V_WRITE_BEHIND_MB", "1024")) * 2**20)
 
 
+class _Pending(NamedTuple):
+    """An artifact handed to the writer thread and not yet committed (or failed, until a flush reports it)."""
+
+    future: cf.Future[Any]
+    arrays: dict[str, np.ndarray]
+    stage: str
+    nbytes: int
+
+
 class WorkerStore:
     """An :class:`ArtifactStore` reading through :data:`ARRAYS` and able to commit behind the compute."""
 
     def __init__(self, store: ArtifactStore) -> None:
         self._store = store
         self._writer: cf.ThreadPoolExecutor | None = None
-        self._pending: dict[str, tuple[cf.Future[Any], dict[str, np.ndarray]]] = {}
-        self._stages: dict[str, str] = {}  # pending key -> stage, for error messages
+        self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()
 
     def __getattr__(self, name: str) -> Any:
@@ -102,7 +110,7 @@ class WorkerStore:
     def read(self, ref: ArtifactRef, names: list[str] | None = None) -> dict[str, np.ndarray]:
         pending = self._pending.get(ref.key)
         if pending is not None:
-            arrays = pending[1]
+            arrays = pending.arrays
             return {n: arrays[n].copy() for n in (names if names is not None else arrays)}
         if names is None:
             hits = ARRAYS.get_all(ref.key)
@@ -138,8 +146,7 @@ class WorkerStore:
             if self._writer is None:
                 self._writer = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="v2v-writer")
             future = self._writer.submit(self._store.write, ref, held, *args, **kwargs)
-            self._pending[ref.key] = (future, held)
-            self._stages[ref.key] = ref.stage
+            self._pending[ref.key] = _Pending(future, held, ref.stage, sum(a.nbytes for a in held.values()))
         future.add_done_callback(lambda f: self._done(ref.key, f))
         self._backpressure()
         return ref
@@ -147,31 +154,30 @@ class WorkerStore:
     def _done(self, key: str, future: cf.Future[Any]) -> None:
         if future.exception() is None:  # failed writes stay pending until a flush reports them
             with self._lock:
-                _, held = self._pending[key]
-                ARRAYS.put_all(key, held)  # before it stops being pending: reads never fall through to disk
-                self._pending.pop(key, None)
-                self._stages.pop(key, None)
+                # Cached before it stops being pending: reads never fall through to the disk.
+                ARRAYS.put_all(key, self._pending.pop(key).arrays)
 
     def _backpressure(self) -> None:
+        """Wait for the oldest commits while the unfinished ones hold more than ``PENDING_MAX_BYTES`` (failed
+        ones, kept until a flush reports them, cannot be waited for)."""
         while True:
             with self._lock:
-                held = [(k, f, sum(a.nbytes for a in arrays.values())) for k, (f, arrays) in self._pending.items()]
-            if len(held) <= 1 or sum(b for _, _, b in held) <= PENDING_MAX_BYTES:
+                queued = [p for p in self._pending.values() if not p.future.done()]
+            if len(queued) <= 1 or sum(p.nbytes for p in queued) <= PENDING_MAX_BYTES:
                 return
-            cf.wait([held[0][1]])
+            cf.wait([queued[0].future])
 
     def flush(self, keys: Iterable[str] | None = None) -> None:
         """Wait for the given (default: all) pending commits; raise the first failure among them."""
         with self._lock:
             wanted = list(self._pending) if keys is None else [k for k in keys if k in self._pending]
-            futures = [(k, self._pending[k][0]) for k in wanted]
-        for key, future in futures:
-            exc = future.exception()
+            pending = [(k, self._pending[k]) for k in wanted]
+        for key, item in pending:
+            exc = item.future.exception()
             if exc is not None:
                 with self._lock:
                     self._pending.pop(key, None)
-                    stage = self._stages.pop(key, "?")
-                raise CommitError(f"store: the {stage} artifact {key[:12]} could not be committed: "
+                raise CommitError(f"store: the {item.stage} artifact {key[:12]} could not be committed: "
                                   f"{type(exc).__name__}: {exc}") from exc
 
 

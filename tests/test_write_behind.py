@@ -52,12 +52,21 @@ def test_pending_artifacts_read_from_memory_then_commit_in_order(tmp_path: Path)
         np.testing.assert_array_equal(plain.read(ref)["frames"], FRAMES + i)
 
 
-def test_a_failed_commit_is_raised_by_flush_and_leaves_nothing(tmp_path: Path) -> None:
+def test_a_failed_commit_is_raised_by_flush_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                 ) -> None:
+    import flows.worker_store
+
+    monkeypatch.setattr(flows.worker_store, "PENDING_MAX_BYTES", 1)  # every write waits for the one before
     SlowStore.gate.set()
     store = WorkerStore(SlowStore(tmp_path / "s"))
     good, bad = ArtifactRef("flow", "b" * 64), ArtifactRef("flow", "c" * 64)
     store.write_later(bad, {"frames": FRAMES}, DIMS, {"fail": True})
-    store.write_later(good, {"frames": FRAMES}, DIMS, {})
+    # The failed commit stays pending until a flush reports it; it must not hold later writes back forever.
+    writer = threading.Thread(target=store.write_later, args=(good, {"frames": FRAMES}, DIMS, {}),
+                              daemon=True)
+    writer.start()
+    writer.join(10)
+    assert not writer.is_alive()
     store.flush([good.key])  # the good one is not held up by the bad one
     with pytest.raises(CommitError, match="the flow artifact c{12} could not be committed: OSError.*No space left"):
         store.flush([bad.key])
