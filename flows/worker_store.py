@@ -182,14 +182,19 @@ class WorkerStore:
 
 
 _STORES: dict[tuple[str, str], WorkerStore] = {}
+_STORES_LOCK = threading.Lock()
 
 
 def store_for(url: str, options: dict[str, Any] | None = None) -> WorkerStore:
-    """One store object per process and URL (workers reopen by URL)."""
+    """One store object per process and URL (workers reopen by URL).
+
+    Locked: concurrent first calls (the first stage tasks of a run start together) must share one object,
+    or a stage could look for an artifact in another object's pending writes and find it nowhere."""
     key = (url, repr(sorted((options or {}).items())))
-    if key not in _STORES:
-        _STORES[key] = WorkerStore(ArtifactStore(url, **(options or {})))
-    return _STORES[key]
+    with _STORES_LOCK:
+        if key not in _STORES:
+            _STORES[key] = WorkerStore(ArtifactStore(url, **(options or {})))
+        return _STORES[key]
 
 
 def flush_all() -> None:

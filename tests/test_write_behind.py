@@ -52,6 +52,31 @@ def test_pending_artifacts_read_from_memory_then_commit_in_order(tmp_path: Path)
         np.testing.assert_array_equal(plain.read(ref)["frames"], FRAMES + i)
 
 
+def test_threads_opening_one_store_at_once_share_its_pending_writes(tmp_path: Path) -> None:
+    """The first stage tasks of a run open the store together; a second store object would hide the first
+    one's pending writes from the next stage (seen as a flaky 'no complete artifact' in CI)."""
+    from flows.worker_store import store_for
+
+    for trial in range(5):
+        url = str(tmp_path / f"s{trial}")
+        barrier, got = threading.Barrier(8), []
+
+        def open_at_once(url: str = url, barrier: threading.Barrier = barrier, got: list = got) -> None:
+            barrier.wait()
+            got.append(store_for(url))
+
+        threads = [threading.Thread(target=open_at_once) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len({id(s) for s in got}) == 1
+        ref = ArtifactRef("ingest", f"{trial:02x}" + "d" * 62)
+        got[0].write_later(ref, {"frames": FRAMES}, DIMS, {})
+        np.testing.assert_array_equal(got[-1].read(ref, ["frames"])["frames"], FRAMES)
+        got[0].flush()
+
+
 def test_a_failed_commit_is_raised_by_flush_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                                                  ) -> None:
     import flows.worker_store
