@@ -1,4 +1,4 @@
-"""ISA stages on the bear clip at 512² (CPU): seconds per stage and backend, and the mask IoU figures.
+"""ISA stages on the bear clip at 512² (CPU or GPU): seconds per stage and backend, and the mask IoU figures.
 
 Runs ingest -> flow -> source_masks -> depth -> shape_mask -> motion -> depth_sim -> refine through their
 ``STAGE.run`` (stages whose modules are missing are skipped), the default backend of each plus the cheap
@@ -11,7 +11,12 @@ U2-Net are timed with the parity fill rule's random weights (same cost, no IoU).
 and runs RAFT and the saliency backends on all frames instead of 2 pairs / the last frame (RAFT takes
 ~30 s per pair on 2 CPU cores, the saliency models 3-20 s per frame).
 
+``--device cuda`` runs the learned backends on the GPU, on every frame, each timed after one warm-up call
+(cuDNN autotuning, kernel loading) with its peak GPU memory; it adds the DPT depth (DPT-Large, random
+weights unless ``--dpt FOLDER``) and the RFC-Net refinement (parity fill rule unless ``--rfc PATH``).
+
 Run: .venv/bin/python bench/isa.py [--frames 16] [--slow] [--raft PATH] [--u2net PATH] [--threads N]
+     python bench/isa.py --device cuda [--dpt FOLDER] [--rfc PATH]
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from stages.models import find_weights  # noqa: E402
 
 BEAR = ROOT / "tests" / "data" / "bear"
 ROWS: list[tuple[str, str, float, int, str]] = []
+DEVICE = "cpu"
+LEARNED = False  # every learned backend on every frame, timed after a warm-up call
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -54,13 +61,27 @@ def timed(stage: str, backend: str | None, arrays: dict[str, np.ndarray], n: int
     if missing:
         ROWS.append((stage, be.name, float("nan"), n, f"skipped: no {missing}"))
         return None
+    inputs = {k: arrays[k] for k in st.used_inputs(be.name)}
+    gpu = DEVICE.startswith("cuda") and be.gpu
+    warm = gpu or (LEARNED and be.load is not None)
+    device = DEVICE if gpu else "cpu"
     if be.load is not None:
         # Load the model outside the timing (once per worker in the pipeline): time the compute only.
         from stages.base import load_model
 
-        load_model(st, be, weights, "cpu")
+        load_model(st, be, weights, device)
+    if warm:
+        st.run(inputs, params, be.name, weights, device)  # warm-up: cuDNN autotuning, kernel loading
+    if gpu:
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    out = st.run({k: arrays[k] for k in st.used_inputs(be.name)}, params, be.name, weights, "cpu")
+    out = st.run(inputs, params, be.name, weights, device)
+    if gpu:
+        torch.cuda.synchronize()
+        note = f"{note + '; ' if note else ''}peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GB"
     ROWS.append((stage, be.name, time.perf_counter() - start, n, note))
     return out
 
@@ -79,6 +100,19 @@ def random_weights(name: str, folder: Path) -> str | None:
     return str(path)
 
 
+def random_dpt(folder: Path) -> str:
+    """A DPT-Large depth model (Intel/dpt-large, MiDaS v3 layout) with random weights: for timing only."""
+    import torch
+    from transformers import DPTConfig, DPTForDepthEstimation
+
+    torch.manual_seed(0)
+    cfg = DPTConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                    image_size=384, patch_size=16, backbone_out_indices=[5, 11, 17, 23],
+                    neck_hidden_sizes=[256, 512, 1024, 1024], fusion_hidden_size=256, use_auxiliary_head=False)
+    DPTForDepthEstimation(cfg).save_pretrained(folder / "dpt-large")
+    return str(folder / "dpt-large")
+
+
 def per_frame_iou(masks: np.ndarray, refs: np.ndarray) -> list[float]:
     return [iou(m, r) for m, r in zip(masks, refs, strict=True)]
 
@@ -90,7 +124,24 @@ def main() -> None:
     ap.add_argument("--raft", help="raft-things.pth (default: the weights cache, if present)")
     ap.add_argument("--u2net", help="u2net.pth (default: the weights cache, if present)")
     ap.add_argument("--threads", type=int, default=0, help="torch/OpenCV threads (0: library default)")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: learned backends on the GPU, every frame")
+    ap.add_argument("--learned", action="store_true", help="every learned backend (DPT and RFC-Net too) on every "
+                    "frame, after a warm-up call (implied by --device cuda)")
+    ap.add_argument("--dpt", help="a DPT / Depth Anything folder (with --learned; default: random DPT-Large)")
+    ap.add_argument("--rfc", help="the RFC-Net depth refinement checkpoint (with --learned; default: random)")
     args = ap.parse_args()
+    global DEVICE, LEARNED
+    DEVICE = args.device
+    gpu = DEVICE.startswith("cuda")
+    if gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            print(f"--device {DEVICE}: no CUDA GPU here; nothing to do")
+            return
+    LEARNED = args.learned or gpu
+    if LEARNED:
+        args.slow = True
     if args.threads:
         cv2.setNumThreads(args.threads)
         import torch
@@ -122,7 +173,7 @@ def main() -> None:
     if flows is None:
         return
     a.update(flows)
-    if args.slow:
+    if args.slow and not LEARNED:  # DeepFlow: CPU-only, minutes per clip
         timed("flow", "deepflow", a, n - 1)
     if raft_w:  # ~30 s per 512² pair on 2 CPU cores: 2 pairs unless --slow
         sub = {"frames": a["frames"] if args.slow else a["frames"][:3]}
@@ -137,7 +188,11 @@ def main() -> None:
     ious = per_frame_iou(np.stack(plain), refs)
     ROWS.append(("source_masks", "(plain warp)", time.perf_counter() - start, n,
                  f"IoU mean {np.mean(ious):.3f} last {ious[-1]:.3f} (baseline)"))
-    masks = timed("source_masks", "track", a, n)
+    if not hasattr(cv2, "ximgproc"):  # plain opencv (GPU images): track's guided filter is opencv-contrib
+        ROWS.append(("source_masks", "track", float("nan"), n, "skipped: no opencv-contrib; plain warp used"))
+        masks, a["object_masks"] = None, np.stack(plain)
+    else:
+        masks = timed("source_masks", "track", a, n)
     if masks is not None:
         ious = per_frame_iou(masks["object_masks"], refs)
         ROWS[-1] = ROWS[-1][:4] + (f"IoU mean {np.mean(ious):.3f} last {ious[-1]:.3f}",)
@@ -150,7 +205,7 @@ def main() -> None:
         subset = a["frames"] if args.slow else a["frames"][-1:]
         got = timed("source_masks", name, {"frames": subset}, len(subset), weights=str(w))
         if name == "u2net" and random_u2net:
-            ROWS[-1] = ROWS[-1][:4] + ("random weights: timing only",)
+            ROWS[-1] = ROWS[-1][:4] + ("; ".join(filter(None, ("random weights: timing only", ROWS[-1][4]))),)
         elif got is not None:
             ious = per_frame_iou(got["object_masks"], refs[-len(subset):])
             ROWS[-1] = ROWS[-1][:4] + (f"IoU mean {np.mean(ious):.3f} (frames {n - len(subset)}..{n - 1})",)
@@ -158,6 +213,9 @@ def main() -> None:
     depth = timed("depth", None, a, n, "default")
     if depth is not None:
         a.update(depth)
+    if LEARNED:
+        dpt_w = args.dpt or random_dpt(tmp)
+        timed("depth", "dpt", a, n, "" if args.dpt else "random DPT-Large: timing only", weights=dpt_w)
 
     # edited shape (the elephant edit)
     a["edited_frame"] = cv2.cvtColor(cv2.imread(str(BEAR / "edited-first-frame-elephant.png")),
@@ -174,7 +232,7 @@ def main() -> None:
         if w:
             got = timed("shape_mask", name, a, 1, weights=str(w))
             if name == "u2net" and random_u2net:
-                ROWS[-1] = ROWS[-1][:4] + ("random weights: timing only",)
+                ROWS[-1] = ROWS[-1][:4] + ("; ".join(filter(None, ("random weights: timing only", ROWS[-1][4]))),)
             elif got is not None:
                 ROWS[-1] = ROWS[-1][:4] + (f"IoU {iou(got['edited_shape'], ref_shape):.3f}",)
                 if name == "isnet":
@@ -184,10 +242,14 @@ def main() -> None:
         got = timed(stage, None, a, n, "default")
         if got is not None:
             a.update(got)
+    if LEARNED and "simulated_depth" in a:
+        rfc_w = args.rfc or random_weights("depthnet", tmp)
+        timed("refine", "rfc-net", a, n, "" if args.rfc else "random weights: timing only", weights=rfc_w)
 
     shutil.rmtree(tmp, ignore_errors=True)
-    print(f"\nISA stages, bear clip, {n} frames at 512x512, CPU "
-          f"(cv2 threads {cv2.getNumThreads()}); model loading excluded")
+    where = f"GPU {torch.cuda.get_device_name()} for the learned backends" if gpu else "CPU"
+    print(f"\nISA stages, bear clip, {n} frames at 512x512, {where} (cv2 threads {cv2.getNumThreads()}); "
+          "model loading excluded" + ("; GPU rows: the second call" if gpu else ""))
     print(f"{'stage':<13} {'backend':<13} {'seconds':>8} {'s/frame':>8}  notes")
     for stage, backend, sec, count, note in ROWS:
         per = sec / max(count, 1)

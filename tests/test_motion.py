@@ -157,6 +157,27 @@ def test_translated_object_is_followed_within_a_pixel() -> None:
     assert np.linalg.norm(centroid(ref) - centroid(shape) - np.multiply(15, v)) > 5
 
 
+@pytest.mark.parametrize("v", [(6.3, -0.7), (2.5, 1.5), (-4.0, 0.4)])
+def test_paste_region_moves_rigidly_without_streaks(v: tuple[float, float]) -> None:
+    """The paste region leaves nothing behind: every P_t is P_0 moved by the summed motion (composing the
+    per-step fields pixel by pixel left thin slivers along the trailing edges, growing each frame)."""
+    obj, flows, shape = translated_clip(v, noise=0.0)
+    res = simulate_motion(obj, flows, shape)
+    p0 = res.paste_masks[0].astype(np.uint8)
+    h, w = p0.shape
+    for t in range(1, len(obj)):
+        shift = np.float32([[1, 0, t * v[0]], [0, 1, t * v[1]]])
+        want = cv2.warpAffine(p0, shift, (w, h), flags=cv2.INTER_LINEAR) > 0
+        near = cv2.dilate(want.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+        assert not (res.paste_masks[t] & ~near).any(), (t, int((res.paste_masks[t] & ~near).sum()))
+        assert (res.paste_masks[t] ^ want).sum() <= 0.02 * want.sum(), t
+    # The shape itself, too (1 px of the ideal at most, same area).
+    s0 = shape.astype(np.uint8)
+    shift = np.float32([[1, 0, 15 * v[0]], [0, 1, 15 * v[1]]])
+    want = cv2.warpAffine(s0, shift, (w, h), flags=cv2.INTER_LINEAR) > 0
+    assert not (res.shape_masks[-1] & ~(cv2.dilate(want.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0)).any()
+
+
 @settings(max_examples=4, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(vx=st.floats(-3, 3), vy=st.floats(-2, 2))
 def test_translation_property(vx: float, vy: float) -> None:
