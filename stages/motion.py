@@ -16,13 +16,12 @@ of them back), so ``isa.npz`` is reproduced exactly:
 * ``pairing`` -- F_t lives on frame t+1's grid. Default "grid": m_t = mean of F_t over O_{t+1}, pasted over
   P_t and over P_t moved by m_t (where the shape lands); "reference": mean over O_t, pasted over P_t only,
   so the paste margin is eaten at |m_t| px per frame on the leading side.
-* ``accumulate`` -- default "compose": where the mean flow is pasted, S_{t+1}/P_{t+1} are S_0/P_0 resampled
-  once at the summed mean motion (the pasted region moves rigidly, so this is the composed map, exact to
-  sub-pixel); elsewhere one step of the source flow. "iterate" (reference): resample and re-threshold the
-  previous binary mask every step, which drifts by up to half a pixel per step (on a 2.5 px/frame
-  translation: 2.3 px after 15 frames). Composing the per-step flow fields pixel by pixel instead left
-  streaks: trajectories crossing the pasted region's edge, where F'_t jumps from the mean to the source
-  flow, mapped thin slivers behind the moving shape back into P_0.
+* ``accumulate`` -- default "compose": S_t and P_t are S_0 and P_0 moved by the summed mean motion,
+  resampled once per frame (motion pasting moves the whole new shape with the mean motion); "iterate"
+  (reference): warp the previous binary masks with F'_t and re-threshold every step. Iterating drifts by
+  up to half a pixel per step (on a 2.5 px/frame translation: 2.3 px after 15 frames), and outside the
+  pasted region it lets the source flow drag mask pixels along: behind a fast object the flow of the
+  uncovered background is unreliable, and each step left a sliver of the paste region behind.
 
 Pure numpy/OpenCV; the bilinear warp is written out (cv2.remap quantises weights to 1/32 px, which would
 break exact parity).
@@ -214,7 +213,7 @@ def simulate_motion(object_masks: np.ndarray, flows: np.ndarray, edited_shape: n
     shapes[0] = edited_shape
     pastes[0] = paste_region(edited_shape, params)
     first = np.stack([pastes[0], shapes[0]]).astype(np.float64)
-    total = np.zeros(2, np.float64)  # "compose": summed mean motion, frame t+1's grid back to frame 0
+    total = np.zeros(2, np.float64)  # "compose": summed mean motion, from frame t+1's grid back to frame 0
     for t in range(n - 1):
         if params.pairing == "reference":
             means[t] = mean_flow(flows[t], object_masks[t])
@@ -229,12 +228,11 @@ def simulate_motion(object_masks: np.ndarray, flows: np.ndarray, edited_shape: n
         lost = not (shapes[t].any() or pastes[t].any())
         if lost and (params.shrink_only or params.accumulate == "iterate"):
             continue  # nothing left to carry: the masks stay empty
-        ix, iy = sample_positions(sim_flows[t], params.grid)
-        warped = sample_bilinear(np.stack([pastes[t], shapes[t]]), ix, iy)
         if params.accumulate == "compose":
             total += means[t]
-            rigid = sample_bilinear(first, *sample_positions(np.broadcast_to(total, (h, w, 2)), params.grid))
-            warped = np.where(footprint[None], rigid, warped)
+            warped = sample_bilinear(first, *sample_positions(np.broadcast_to(total, (h, w, 2)), params.grid))
+        else:
+            warped = sample_bilinear(np.stack([pastes[t], shapes[t]]), *sample_positions(sim_flows[t], params.grid))
         raw_s[t] = warped[1]
         if params.shrink_only:
             raw_p[t] = warped[0] * pastes[t]
@@ -256,7 +254,7 @@ def motion_stage(*, model: None, params: MotionParams, object_masks: np.ndarray,
 
 STAGE = Stage(
     name="motion",
-    version="2",  # 2: compose moves the pasted region rigidly (no streaks behind the shape)
+    version="2",  # 2: "compose" moves S_0/P_0 by the summed mean motion (no slivers behind the shape)
     inputs=("object_masks", "flows", "edited_shape"),
     outputs={
         "shape_masks": ArraySpec(("frame", "y", "x"), "bool"),
