@@ -68,12 +68,15 @@ def contact_sheet(store: ArtifactStore, refs: dict[str, ArtifactRef], path: Path
     rows: list[np.ndarray] = []
     metrics: list[str] = []  # 0-d and 1-d arrays (scores per frame): one text line each
     label_w = 220
-    for stage, ref in refs.items():
+    for stage, ref in sorted(refs.items(), key=lambda item: _pipeline_rank(item[0])):
         try:
             arrays = store.read(ref)
         except Exception:
             continue
-        for name, data in arrays.items():
+        # The declared order (arrays read from memory keep it, from the store come sorted by name).
+        declared = list(_declared_outputs(stage))
+        for name in sorted(arrays, key=lambda n: (declared.index(n) if n in declared else len(declared), n)):
+            data = arrays[name]
             if stage == "ingest" and name == "source_frame_index":
                 continue
             if data.ndim <= 1 and data.size and data.dtype.kind in "fiub":
@@ -113,6 +116,21 @@ def contact_sheet(store: ArtifactStore, refs: dict[str, ArtifactRef], path: Path
     cv2.imwrite(str(tmp), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
     os.replace(tmp, path)
     return path
+
+
+def _pipeline_rank(stage: str) -> int:
+    from stages import PIPELINE
+
+    return PIPELINE.index(stage) if stage in PIPELINE else len(PIPELINE)
+
+
+def _declared_outputs(stage: str) -> tuple[str, ...]:
+    try:
+        from stages import get_stage
+
+        return tuple(get_stage(stage).outputs)
+    except Exception:  # a stage module gone since the artifact was written
+        return ()
 
 
 def _declared_dims(stage: str, name: str) -> tuple[str, ...]:

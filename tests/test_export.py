@@ -101,3 +101,28 @@ def test_contact_sheet(bear_clip: np.ndarray, tmp_path: Path) -> None:
     sheet = contact_sheet(bear_clip, tmp_path / "sheet.png", cols=4, every=3, tile_width=64)
     assert sheet.shape == (64, 4 * 64, 3)  # frames 0, 3, 6 and the last (7)
     assert (tmp_path / "sheet.png").is_file()
+
+
+def test_job_contact_sheet_is_in_pipeline_order_from_memory_or_store(tmp_path: Path) -> None:
+    """The sheet a run writes (arrays still in memory, stages in completion order) equals one rebuilt later
+    from the store (arrays read back sorted by name), whatever order the artifacts are listed in."""
+    from flows.demo_clip import make_demo_clip
+    from flows.outputs import contact_sheet as job_sheet
+    from flows.profiles import Profile
+    from flows.runs import run_catalog
+    from storage import ArtifactRef, ArtifactStore
+
+    clip = make_demo_clip(tmp_path / "clip")
+    cat = tmp_path / "cat.yaml"
+    cat.write_text(f"jobs:\n  - id: cone\n    source: {clip['clip']}\n    masks: {clip['masks']}\n"
+                   f"    first_frame: {clip['first_frame']}\n    prompt: a green cone\n")
+    prof = Profile(name="t", out=str(tmp_path / "out"), params={"ingest": {"n_frames": 4, "width": 64,
+                                                                           "height": 64}},
+                   backends={"source_masks": "provided", "shape_mask": "change", "depth": "ground-prior"})
+    report, _ = run_catalog(cat, profile=prof, store=str(tmp_path / "store"), orchestrator="inline")
+    written = np.asarray(Image.open(report.jobs[0].outputs["contact_sheet"]))
+    store = ArtifactStore(tmp_path / "store")
+    refs = {s: ArtifactRef(s, k) for s, k in store.job("cone")["artifacts"].items()}
+    again = job_sheet(store, dict(reversed(list(refs.items()))), tmp_path / "again.png")
+    assert again is not None
+    assert np.array_equal(np.asarray(Image.open(again)), written)
