@@ -25,6 +25,9 @@ class SourceMaskParams(Params):
     threshold: float = Field(0.5, gt=0, lt=1, description="saliency backends: foreground if prob > this")
     # track: see track_masks for what each knob does.
     track_anchor_gap: int = Field(8, ge=1, description="frames back to the anchor of the direct flow")
+    track_anchor_agree: float = Field(
+        0.5, ge=0, le=1, description="IoU the direct (anchor) warp must reach with the chained one to be "
+                                     "averaged with it; below, the one that matches the frame better is kept")
     track_prior_sigma: float = Field(3.0, gt=0, description="px over which the warped boundary is trusted")
     track_colour_weight: float = Field(0.6, ge=0, description="weight of the colour log-likelihood ratio")
     track_colour_ring: int = Field(40, ge=4, description="px around the object giving the background colours")
@@ -98,6 +101,19 @@ def colour_llr(image: np.ndarray, model: tuple[np.ndarray, np.ndarray]) -> np.nd
     return np.clip(llr, -4.0, 4.0).astype(np.float32)
 
 
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = int((a | b).sum())
+    return float((a & b).sum()) / union if union else 1.0
+
+
+def _misfit(source: np.ndarray, flow: np.ndarray, target: np.ndarray, region: np.ndarray) -> float:
+    """Mean absolute grey difference between ``source`` warped by ``flow`` and ``target`` over ``region``."""
+    if not region.any():
+        return float("inf")
+    warped = warp_backward(source.astype(np.float32), flow)
+    return float(np.abs(warped[region] - target[region].astype(np.float32)).mean())
+
+
 def track_masks(frames: np.ndarray, mask0: np.ndarray, flows: np.ndarray,
                 params: SourceMaskParams | None = None) -> np.ndarray:
     """Carry ``mask0`` through the clip with ``flows`` and re-fit it to every frame.
@@ -108,7 +124,10 @@ def track_masks(frames: np.ndarray, mask0: np.ndarray, flows: np.ndarray,
     1. shape prior: the mean of two warps, the chained one (mask t-1 along ``flows[t-1]``) and a direct
        one from an anchor frame ``a = max(0, t - anchor_gap)`` (mask a along a DIS flow t -> a computed
        here; for t <= gap the anchor is the given frame-0 mask itself, so errors do not accumulate).
-       Its signed distance / ``prior_sigma`` is clipped to ±6: deep inside/outside it is certain;
+       A flow over several frames fails on small fast objects (a ball moving 13 px per frame is ~100 px
+       from its anchor): when the two warps overlap by less than ``anchor_agree`` (IoU), only the one
+       whose warped frame matches frame t better inside its mask is kept.
+       The prior's signed distance / ``prior_sigma`` is clipped to ±6: deep inside/outside it is certain;
     2. colour: log-likelihood ratio of object vs nearby background, learnt once on frame 0 (where the
        mask is given, so the model never learns from its own mistakes), weighted by ``colour_weight``;
        as it is clipped to ±4 it can only move the boundary by ``4 * colour_weight * prior_sigma`` px
@@ -130,8 +149,13 @@ def track_masks(frames: np.ndarray, mask0: np.ndarray, flows: np.ndarray,
         prior = warp_backward(masks[t - 1], flows[t - 1])
         a = max(0, t - p.track_anchor_gap)
         if a < t - 1 and masks[a].any():
-            direct = dis.calc(grey[t], grey[a], None)
-            prior = 0.5 * prior + 0.5 * warp_backward(masks[a], direct)
+            direct_flow = dis.calc(grey[t], grey[a], None)
+            direct = warp_backward(masks[a], direct_flow)
+            if _iou(prior > 0.5, direct > 0.5) >= p.track_anchor_agree:
+                prior = 0.5 * prior + 0.5 * direct
+            elif (_misfit(grey[a], direct_flow, grey[t], direct > 0.5)
+                  < _misfit(grey[t - 1], flows[t - 1], grey[t], prior > 0.5)):
+                prior = direct
         prior_mask = prior > 0.5
         if not prior_mask.any():
             continue  # the object left the frame: it stays empty
@@ -192,7 +216,7 @@ def u2net(*, model: Any, params: SourceMaskParams, frames: np.ndarray) -> dict[s
 
 STAGE = Stage(
     name="source_masks",
-    version="1",
+    version="2",  # 2: track drops a direct (anchor) warp that disagrees with the chained one and fits worse
     inputs=("frames", "provided_masks", "flows"),
     outputs={"object_masks": ArraySpec(("frame", "y", "x"), "bool")},
     params=SourceMaskParams,
