@@ -14,12 +14,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from flows.profiles import Profile
 
 _REMOTES: dict[str, Any] = {}
+_REMOTES_LOCK = threading.Lock()
 
 
 def init_kwargs(profile: Profile) -> dict[str, Any]:
@@ -67,8 +69,9 @@ def call(fn: Callable[..., Any], resources: dict[str, Any], *args: Any, **kwargs
     import ray
 
     name = f"{fn.__module__}.{fn.__qualname__}"
-    if name not in _REMOTES:
-        _REMOTES[name] = ray.remote(fn)
+    with _REMOTES_LOCK:  # stage threads start together: one remote function (one export to the cluster)
+        if name not in _REMOTES:
+            _REMOTES[name] = ray.remote(fn)
     ref = _REMOTES[name].options(**resources).remote(*args, **kwargs)
     try:
         return ray.get(ref)

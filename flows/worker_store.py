@@ -155,7 +155,8 @@ class WorkerStore:
         if future.exception() is None:  # failed writes stay pending until a flush reports them
             with self._lock:
                 # Cached before it stops being pending: reads never fall through to the disk.
-                ARRAYS.put_all(key, self._pending.pop(key).arrays)
+                ARRAYS.put_all(key, self._pending[key].arrays)
+                del self._pending[key]
 
     def _backpressure(self) -> None:
         """Wait for the oldest commits while the unfinished ones hold more than ``PENDING_MAX_BYTES`` (failed
