@@ -64,6 +64,9 @@ def dis_flows(*, model: None, params: FlowParams, frames: np.ndarray) -> dict[st
 
 
 def deepflow_flows(*, model: None, params: FlowParams, frames: np.ndarray) -> dict[str, np.ndarray]:
+    if not hasattr(cv2, "optflow"):  # another package's plain opencv-python shadows opencv-contrib
+        raise RuntimeError("flow (deepflow): this OpenCV has no cv2.optflow; DeepFlow needs "
+                           "opencv-contrib-python-headless (reinstall it), or choose the dis or raft backend")
     return {"flows": _pairwise(cv2.optflow.createOptFlow_DeepFlow(), _check_frames(frames))}
 
 

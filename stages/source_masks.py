@@ -101,6 +101,33 @@ def colour_llr(image: np.ndarray, model: tuple[np.ndarray, np.ndarray]) -> np.nd
     return np.clip(llr, -4.0, 4.0).astype(np.float32)
 
 
+def guided_filter(guide: np.ndarray, src: np.ndarray, radius: int, eps: float) -> np.ndarray:
+    """He et al.'s guided filter of ``src`` [y, x] float32 by an RGB ``guide`` (0..255): opencv-contrib's
+    ``ximgproc.guidedFilter`` when present, else the same sums here (equal to 1e-6, a few times slower), so a
+    plain opencv-python installed over opencv-contrib by another package changes nothing."""
+    guide = np.ascontiguousarray(guide)
+    ximgproc = getattr(cv2, "ximgproc", None)
+    if ximgproc is not None:
+        return ximgproc.guidedFilter(guide, src, radius, eps)
+    image = guide.astype(np.float32)
+    size = (2 * radius + 1, 2 * radius + 1)
+
+    def box(x: np.ndarray) -> np.ndarray:  # ximgproc's mean filter and border
+        return cv2.boxFilter(x, -1, size, normalize=True, borderType=cv2.BORDER_REFLECT)
+
+    mean_i, mean_p = box(image), box(src)
+    cov_ip = box(image * src[..., None]) - mean_i * mean_p[..., None]
+    pairs = [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2)]
+    var = box(np.stack([image[..., i] * image[..., j] for i, j in pairs], -1))
+    sigma = np.empty(src.shape + (3, 3), np.float64)
+    for k, (i, j) in enumerate(pairs):
+        sigma[..., i, j] = sigma[..., j, i] = var[..., k] - mean_i[..., i] * mean_i[..., j]
+    sigma[..., [0, 1, 2], [0, 1, 2]] += eps
+    a = np.linalg.solve(sigma, cov_ip[..., None].astype(np.float64))[..., 0].astype(np.float32)
+    b = mean_p - (a * mean_i).sum(-1)
+    return (box(a) * image).sum(-1) + box(b)
+
+
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
     union = int((a | b).sum())
     return float((a & b).sum()) / union if union else 1.0
@@ -162,8 +189,7 @@ def track_masks(frames: np.ndarray, mask0: np.ndarray, flows: np.ndarray,
         score = np.clip(_signed_distance(prior_mask) / p.track_prior_sigma, -6.0, 6.0)
         score += p.track_colour_weight * colour_llr(frames[t], colours)
         if p.track_smooth_radius:
-            score = cv2.ximgproc.guidedFilter(np.ascontiguousarray(frames[t]), score.astype(np.float32),
-                                              p.track_smooth_radius, 1e-2 * 255.0**2)
+            score = guided_filter(frames[t], score.astype(np.float32), p.track_smooth_radius, 1e-2 * 255.0**2)
         masks[t] = score > 0
     return masks
 

@@ -17,6 +17,41 @@ BEAR = DATA / "bear"
 PARITY = DATA / "parity"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--device", default=os.environ.get("V2V_TEST_DEVICE", "cpu"),
+                     help="device for the learned backends (cuda: run the model tests on a GPU)")
+
+
+@pytest.fixture(scope="session")
+def test_device(request: pytest.FixtureRequest) -> str:
+    """Where tests run the learned models: cpu (CI), or ``--device cuda`` on a machine with a GPU (TF32 off,
+    so the tests' float32 tolerances mean the same there)."""
+    device = str(request.config.getoption("--device"))
+    if device.startswith("cuda"):
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return device
+
+
+@pytest.fixture(autouse=True)
+def _stages_on_test_device(test_device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``--device cuda``, every ``Stage.run`` that names no device runs there (and loads its model
+    there): the model tests then check the GPU code paths (device moves, dtypes, offload) CI cannot."""
+    if test_device == "cpu":
+        return
+    from stages.base import Stage
+
+    real_run = Stage.run
+
+    def run(self: Stage, arrays: object, params: object = None, backend: str | None = None,
+            weights: str | None = None, device: str = "cpu") -> object:
+        return real_run(self, arrays, params, backend, weights, test_device if device == "cpu" else device)
+
+    monkeypatch.setattr(Stage, "run", run)
+
+
 @pytest.fixture(scope="session")
 def bear_dir() -> Path:
     return BEAR

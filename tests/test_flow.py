@@ -79,6 +79,14 @@ def test_flow_sign_convention(backend: str) -> None:
     assert np.allclose(median, [-3.0, -2.0], atol=0.25), median
 
 
+def test_deepflow_without_opencv_contrib_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    import cv2
+
+    monkeypatch.delattr(cv2, "optflow", raising=False)
+    with pytest.raises(RuntimeError, match="opencv-contrib.*dis or raft"):
+        STAGE.run({"frames": np.zeros((2, 64, 64, 3), np.uint8)}, backend="deepflow")
+
+
 def test_flow_edge_cases() -> None:
     one = _texture(64)[None]
     flows = STAGE.run({"frames": one})["flows"]

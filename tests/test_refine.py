@@ -101,19 +101,20 @@ def depthnet_ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
-def test_rfc_net_stage_matches_direct_call(depthnet_ckpt: str) -> None:
+def test_rfc_net_stage_matches_direct_call(depthnet_ckpt: str, test_device: str) -> None:
     clip = synthetic_clip(t=4, h=32, w=48, speed=3.0)
     clip.pop("background")
     out = STAGE.run(clip, backend="rfc-net", weights=depthnet_ckpt)
     holes = out["hole_masks"]
     assert holes.any()
-    net = load_depthnet(depthnet_ckpt, "cpu")
+    net = load_depthnet(depthnet_ckpt, test_device)
     depth = torch.from_numpy(clip["simulated_depth"].astype(np.float32))[None, :, None].repeat(1, 1, 3, 1, 1)
     hole_t = torch.from_numpy(holes.astype(np.float32))[None, :, None]
     shape_t = torch.from_numpy(clip["edited_shape"].astype(np.float32)).expand(1, 4, 1, 32, 48)
+    depth, hole_t, shape_t = (x.to(test_device) for x in (depth, hole_t, shape_t))
     with torch.no_grad():
         pred, _ = net(depth, hole_t, shape_t)
-    expected = ((1 - hole_t) * depth + hole_t * pred)[0].mean(1).numpy()
+    expected = ((1 - hole_t) * depth + hole_t * pred)[0].mean(1).cpu().numpy()
     got = out["refined_depth"].astype(np.float32)
     assert np.abs(got - expected).max() <= 2e-3  # float16 storage
     assert np.abs(got - clip["simulated_depth"].astype(np.float32))[holes].max() > 1e-2  # the net did act
@@ -122,9 +123,9 @@ def test_rfc_net_stage_matches_direct_call(depthnet_ckpt: str) -> None:
                   weights=depthnet_ckpt)
 
 
-def test_rfc_net_temporal_windows(depthnet_ckpt: str) -> None:
+def test_rfc_net_temporal_windows(depthnet_ckpt: str, test_device: str) -> None:
     clip = synthetic_clip(t=6, h=32, w=48, speed=3.0)
-    net = load_depthnet(depthnet_ckpt, "cpu")
+    net = load_depthnet(depthnet_ckpt, test_device)
     holes = hole_masks(clip["object_masks"], clip["shape_masks"])
     depth, shape = clip["simulated_depth"], clip["edited_shape"]
     whole = rfc_predict(net, depth, holes, shape, window=6, overlap=2)

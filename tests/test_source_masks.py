@@ -69,6 +69,24 @@ def test_track_follows_a_small_fast_ball() -> None:
     assert min(ious) > 0.85, ious
 
 
+def test_track_needs_no_opencv_contrib(bear: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain opencv-python installed over opencv-contrib (other packages pull it in) has no ximgproc:
+    the guided filter falls back to the same sums in numpy, and track gives the same masks."""
+    from stages.source_masks import guided_filter
+
+    small = {"frames": bear["frames"][:4], "provided_masks": bear["provided_masks"][:1], "flows": bear["flows"][:3]}
+    rng = np.random.default_rng(0)
+    score = rng.normal(0, 2, bear["frames"].shape[1:3]).astype(np.float32)
+    if not hasattr(cv2, "ximgproc"):
+        pytest.skip("this OpenCV has no ximgproc to compare with")
+    with_contrib = guided_filter(bear["frames"][2], score, 4, 1e-2 * 255.0**2)
+    masks = STAGE.run(small)["object_masks"]
+    monkeypatch.delattr(cv2, "ximgproc")
+    plain = guided_filter(bear["frames"][2], score, 4, 1e-2 * 255.0**2)
+    assert np.abs(plain - with_contrib).max() < 1e-4 and np.abs(plain - score).max() > 0.5  # it smooths
+    assert np.array_equal(STAGE.run(small)["object_masks"], masks)
+
+
 def test_track_is_deterministic_and_empty_safe(bear: dict[str, np.ndarray]) -> None:
     small = {k: bear[k][:4] for k in ("frames", "provided_masks")} | {"flows": bear["flows"][:3]}
     small["provided_masks"] = small["provided_masks"][:1]
@@ -105,7 +123,7 @@ def test_isnet_backend_on_bear(bear: dict[str, np.ndarray]) -> None:
     assert score >= 0.95  # same model, 512² canvas input instead of the native 854x480
 
 
-def test_u2net_backend_plumbing(tmp_path: Path) -> None:
+def test_u2net_backend_plumbing(tmp_path: Path, test_device: str) -> None:
     """Random U2-Net weights: shapes, dtype and the 0.5 threshold on the min-max map."""
     torch = pytest.importorskip("torch")
     u2 = pytest.importorskip("stages.nets.u2net")
@@ -116,6 +134,6 @@ def test_u2net_backend_plumbing(tmp_path: Path) -> None:
     frames = (rng.random((2, 64, 64, 3)) * 255).astype(np.uint8)
     masks = STAGE.run({"frames": frames}, backend="u2net", weights=str(weights))["object_masks"]
     assert masks.shape == (2, 64, 64) and masks.dtype == bool
-    model = load_model(STAGE, STAGE.backends["u2net"], str(weights), "cpu")  # the one the run loaded
+    model = load_model(STAGE, STAGE.backends["u2net"], str(weights), test_device)  # the one the run loaded
     expected = u2.u2net_saliency(model, frames) > 0.5
     assert np.array_equal(masks, expected) and masks.any() and not masks.all()
