@@ -166,7 +166,8 @@ def main() -> None:
     workers = {r.pid for j in ray_report.jobs for r in j.stages.values() if r.pid}  # type: ignore[attr-defined]
 
     n = args.jobs
-    print(f"Prefect temporary server start-up: {server_s:6.1f} s (once per process; 0 with PREFECT_API_URL)")
+    print(f"Prefect temporary server start-up: {server_s:6.1f} s (once per process; 0 with PREFECT_API_URL; "
+          "here in a fresh PREFECT_HOME, so creating its database is included)")
     print(f"local  wall time:               {local_wall:8.1f} s")
     print(f"local  sum of stage compute:    {local_compute:8.1f} s")
     io, exports = local_report.io_seconds, local_report.outputs_seconds
