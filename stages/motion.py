@@ -125,15 +125,10 @@ def mean_flow(flow: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return (flow[mask].astype(np.float64).sum(axis=0) / area).astype(np.float32)
 
 
-def sample_bilinear(images: np.ndarray, ix: np.ndarray, iy: np.ndarray, border: str = "zero") -> np.ndarray:
-    """Bilinear sample of a stack ``images`` [c, y, x] at pixel positions (ix, iy) (centres at integers).
-
-    ``border="zero"``: out-of-image corners contribute 0 (grid_sample ``padding_mode="zeros"``);
-    ``"replicate"``: positions are clamped into the image.
-    """
+def sample_bilinear(images: np.ndarray, ix: np.ndarray, iy: np.ndarray) -> np.ndarray:
+    """Bilinear sample of a stack ``images`` [c, y, x] at pixel positions (ix, iy) (centres at integers);
+    out-of-image corners contribute 0 (grid_sample ``padding_mode="zeros"``)."""
     _, h, w = images.shape
-    if border == "replicate":
-        ix, iy = np.clip(ix, 0, w - 1), np.clip(iy, 0, h - 1)
     x0f, y0f = np.floor(ix), np.floor(iy)
     fx, fy = ix - x0f, iy - y0f
     # Clip corner indices into [-1, size] and read from a zero-padded copy: out-of-image corners give 0.

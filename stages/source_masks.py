@@ -19,6 +19,7 @@ from pydantic import Field
 
 from stages.base import ArraySpec, Backend, Params, Stage, StageInputError
 from stages.flow import dis_engine, warp_backward
+from stages.metrics import iou
 
 
 class SourceMaskParams(Params):
@@ -128,11 +129,6 @@ def guided_filter(guide: np.ndarray, src: np.ndarray, radius: int, eps: float) -
     return (box(a) * image).sum(-1) + box(b)
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = int((a | b).sum())
-    return float((a & b).sum()) / union if union else 1.0
-
-
 def _misfit(source: np.ndarray, flow: np.ndarray, target: np.ndarray, region: np.ndarray) -> float:
     """Mean absolute grey difference between ``source`` warped by ``flow`` and ``target`` over ``region``."""
     if not region.any():
@@ -178,7 +174,7 @@ def track_masks(frames: np.ndarray, mask0: np.ndarray, flows: np.ndarray,
         if a < t - 1 and masks[a].any():
             direct_flow = dis.calc(grey[t], grey[a], None)
             direct = warp_backward(masks[a], direct_flow)
-            if _iou(prior > 0.5, direct > 0.5) >= p.track_anchor_agree:
+            if iou(prior > 0.5, direct > 0.5) >= p.track_anchor_agree:
                 prior = 0.5 * prior + 0.5 * direct
             elif (_misfit(grey[a], direct_flow, grey[t], direct > 0.5)
                   < _misfit(grey[t - 1], flows[t - 1], grey[t], prior > 0.5)):
