@@ -124,22 +124,19 @@ def _pipeline_rank(stage: str) -> int:
     return PIPELINE.index(stage) if stage in PIPELINE else len(PIPELINE)
 
 
-def _declared_outputs(stage: str) -> tuple[str, ...]:
+def _declared_outputs(stage: str) -> dict[str, Any]:
+    """The stage's output declarations (name -> ArraySpec), in declared order."""
     try:
         from stages import get_stage
 
-        return tuple(get_stage(stage).outputs)
+        return dict(get_stage(stage).outputs)
     except Exception:  # a stage module gone since the artifact was written
-        return ()
+        return {}
 
 
 def _declared_dims(stage: str, name: str) -> tuple[str, ...]:
-    try:
-        from stages import get_stage
-
-        return tuple(get_stage(stage).outputs[name].dims)
-    except Exception:  # a stage module gone since the artifact was written
-        return ()
+    spec = _declared_outputs(stage).get(name)
+    return tuple(spec.dims) if spec is not None else ()
 
 
 def _guess_dims(name: str, data: np.ndarray) -> tuple[str, ...]:
