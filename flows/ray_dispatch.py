@@ -24,6 +24,11 @@ _REMOTES: dict[str, Any] = {}
 _REMOTES_LOCK = threading.Lock()
 
 
+class _DefaultAuthNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
 def init_kwargs(profile: Profile) -> dict[str, Any]:
     """``ray.init`` arguments of a profile: quiet (no dashboard, worker output stays in Ray's logs)."""
     r = profile.runner
@@ -48,6 +53,10 @@ def ray_session(profile: Profile) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
+    if profile.runner.address is None:
+        # Ray announces, once per new local cluster, that it enabled token authentication by default: true
+        # and not actionable for a cluster v2v starts and stops itself, and it would cut into the progress bars.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_DefaultAuthNotice())
     ray.init(address=profile.runner.address, **init_kwargs(profile))
     try:
         yield

@@ -21,6 +21,25 @@ CATALOGS = Path(__file__).resolve().parent.parent / "catalogs"
 TINY = {"ingest": {"n_frames": 4, "width": 128, "height": 128}}
 
 
+def test_a_local_ray_started_by_v2v_prints_no_auth_notice(capfd: pytest.CaptureFixture[str]) -> None:
+    """Ray's notice that it enabled token auth by default is dropped for the cluster v2v starts (it cut into
+    the progress bars); it starts and stops cleanly."""
+    ray = pytest.importorskip("ray")
+    from flows.ray_dispatch import call, ray_session
+
+    if ray.is_initialized():
+        pytest.skip("a Ray is already running in this process")
+    prof = load_profile("ray")
+    prof = prof.model_copy(update={"runner": prof.runner.model_copy(update={"num_cpus": 1})})
+    from storage.keys import canonical_json
+
+    with ray_session(prof):
+        assert call(canonical_json, {"num_cpus": 1}, {"b": 1, "a": 2}) == canonical_json({"a": 2, "b": 1})
+    assert not ray.is_initialized()
+    out, err = capfd.readouterr()
+    assert "Token authentication is enabled" not in out + err
+
+
 @pytest.fixture(scope="module")
 def local_ray() -> object:
     ray = pytest.importorskip("ray")
