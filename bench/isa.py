@@ -86,6 +86,11 @@ def timed(stage: str, backend: str | None, arrays: dict[str, np.ndarray], n: int
     return out
 
 
+def add_note(text: str) -> None:
+    """Put ``text`` before the last row's note (keeping what ``timed`` wrote there, e.g. peak memory)."""
+    ROWS[-1] = ROWS[-1][:4] + ("; ".join(filter(None, (text, ROWS[-1][4]))),)
+
+
 def random_weights(name: str, folder: Path) -> str | None:
     """A weights file with the real keys and shapes, filled by the parity rule: for timing only."""
     try:
@@ -188,11 +193,7 @@ def main() -> None:
     ious = per_frame_iou(np.stack(plain), refs)
     ROWS.append(("source_masks", "(plain warp)", time.perf_counter() - start, n,
                  f"IoU mean {np.mean(ious):.3f} last {ious[-1]:.3f} (baseline)"))
-    if not hasattr(cv2, "ximgproc"):  # plain opencv (GPU images): track's guided filter is opencv-contrib
-        ROWS.append(("source_masks", "track", float("nan"), n, "skipped: no opencv-contrib; plain warp used"))
-        masks, a["object_masks"] = None, np.stack(plain)
-    else:
-        masks = timed("source_masks", "track", a, n)
+    masks = timed("source_masks", "track", a, n)
     if masks is not None:
         ious = per_frame_iou(masks["object_masks"], refs)
         ROWS[-1] = ROWS[-1][:4] + (f"IoU mean {np.mean(ious):.3f} last {ious[-1]:.3f}",)
@@ -205,7 +206,7 @@ def main() -> None:
         subset = a["frames"] if args.slow else a["frames"][-1:]
         got = timed("source_masks", name, {"frames": subset}, len(subset), weights=str(w))
         if name == "u2net" and random_u2net:
-            ROWS[-1] = ROWS[-1][:4] + ("; ".join(filter(None, ("random weights: timing only", ROWS[-1][4]))),)
+            add_note("random weights: timing only")
         elif got is not None:
             ious = per_frame_iou(got["object_masks"], refs[-len(subset):])
             ROWS[-1] = ROWS[-1][:4] + (f"IoU mean {np.mean(ious):.3f} (frames {n - len(subset)}..{n - 1})",)
@@ -232,7 +233,7 @@ def main() -> None:
         if w:
             got = timed("shape_mask", name, a, 1, weights=str(w))
             if name == "u2net" and random_u2net:
-                ROWS[-1] = ROWS[-1][:4] + ("; ".join(filter(None, ("random weights: timing only", ROWS[-1][4]))),)
+                add_note("random weights: timing only")
             elif got is not None:
                 ROWS[-1] = ROWS[-1][:4] + (f"IoU {iou(got['edited_shape'], ref_shape):.3f}",)
                 if name == "isnet":

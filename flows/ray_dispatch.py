@@ -29,6 +29,9 @@ class _DefaultAuthNotice(logging.Filter):
         return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
 
 
+_DEFAULT_AUTH_NOTICE = _DefaultAuthNotice()  # one instance: addFilter then adds it once, however many runs
+
+
 def init_kwargs(profile: Profile) -> dict[str, Any]:
     """``ray.init`` arguments of a profile: quiet (no dashboard, worker output stays in Ray's logs)."""
     r = profile.runner
@@ -56,7 +59,7 @@ def ray_session(profile: Profile) -> Iterator[None]:
     if profile.runner.address is None:
         # Ray announces, once per new local cluster, that it enabled token authentication by default: true
         # and not actionable for a cluster v2v starts and stops itself, and it would cut into the progress bars.
-        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_DefaultAuthNotice())
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_DEFAULT_AUTH_NOTICE)
     ray.init(address=profile.runner.address, **init_kwargs(profile))
     try:
         yield
