@@ -147,9 +147,9 @@ def track_masks(frames: np.ndarray, mask0: np.ndarray, flows: np.ndarray,
     1. shape prior: the mean of two warps, the chained one (mask t-1 along ``flows[t-1]``) and a direct
        one from an anchor frame ``a = max(0, t - anchor_gap)`` (mask a along a DIS flow t -> a computed
        here; for t <= gap the anchor is the given frame-0 mask itself, so errors do not accumulate).
-       A flow over several frames fails on small fast objects (a ball moving 13 px per frame is ~100 px
-       from its anchor): when the two warps overlap by less than ``anchor_agree`` (IoU), only the one
-       whose warped frame matches frame t better inside its mask is kept.
+       A flow over several frames fails on small fast objects (the demo ball, 15 px per frame on the 512²
+       canvas, is 60-120 px from its anchor): when the two warps overlap by less than ``anchor_agree``
+       (IoU), only the one whose warped frame matches frame t better inside its mask is kept.
        The prior's signed distance / ``prior_sigma`` is clipped to ±6: deep inside/outside it is certain;
     2. colour: log-likelihood ratio of object vs nearby background, learnt once on frame 0 (where the
        mask is given, so the model never learns from its own mistakes), weighted by ``colour_weight``;
