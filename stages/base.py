@@ -8,13 +8,18 @@ stages through this declaration only:
   edited first frame), so the DAG is derived from the declarations rather than written by hand.
 * ``outputs`` map array names to their dims and dtype; ``xarray`` views use the dims as they are.
 * ``params`` is a frozen pydantic model; its JSON dump enters the artifact key.
-* ``backends`` are alternative implementations. A backend says which inputs it really uses (only those
-  enter its key and its DAG edges) and, for learned ones, how to load its model. Models are loaded once per
-  worker process by :func:`load_model` and passed to the backend function.
+* ``backends`` are alternative implementations. A backend declares exactly what it reads, and only that
+  enters its key: the stage inputs it uses (derived from its function's keyword-only arguments) and the
+  parameter fields it reads (``reads``; job texts such as the prompt and seed are parameter fields too).
+  The declaration is enforced: the backend is handed a :class:`ParamsView` that refuses any field it did
+  not declare, so a wrong declaration fails loudly instead of serving stale artifacts. For learned
+  backends it also says how to load the model; models are loaded once per worker process by
+  :func:`load_model` and passed to the backend function.
 """
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -53,13 +58,66 @@ class ArraySpec:
             raise ValueError(f"stage {stage!r}: output {name!r} is {value.dtype}, declared {self.dtype}")
 
 
+class UndeclaredParamRead(RuntimeError):
+    """A backend read a parameter field it does not declare in ``reads`` (a bug in the declaration).
+
+    Not an AttributeError on purpose: ``getattr(params, name, default)`` must not swallow it."""
+
+
+class ParamsView:
+    """A backend's window on its stage's parameters: the declared fields, nothing else."""
+
+    __slots__ = ("_params", "_reads", "_label")
+
+    def __init__(self, params: Params, reads: frozenset[str], label: str) -> None:
+        object.__setattr__(self, "_params", params)
+        object.__setattr__(self, "_reads", reads)
+        object.__setattr__(self, "_label", label)
+
+    def __getattr__(self, name: str) -> Any:
+        params = object.__getattribute__(self, "_params")
+        if name in type(params).model_fields and name not in object.__getattribute__(self, "_reads"):
+            raise UndeclaredParamRead(
+                f"{object.__getattribute__(self, '_label')} reads params.{name} but does not declare it in "
+                "reads=: add it (the key must cover it) or stop reading it")
+        return getattr(params, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("parameters are read-only")
+
+    def __repr__(self) -> str:
+        reads = sorted(object.__getattribute__(self, "_reads"))
+        params = object.__getattribute__(self, "_params")
+        return f"ParamsView({', '.join(f'{k}={getattr(params, k)!r}' for k in reads)})"
+
+
+_NOT_INPUTS = ("model", "params")
+
+
+def signature_inputs(fn: Callable[..., Any]) -> tuple[str, ...] | None:
+    """The array inputs a backend function takes: its keyword-only arguments but ``model`` and ``params``.
+
+    ``None`` when it takes ``**arrays`` (then ``uses`` must say, or it gets every stage input)."""
+    sig = inspect.signature(fn)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+        return None
+    return tuple(n for n, p in sig.parameters.items()
+                 if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in _NOT_INPUTS)
+
+
 @dataclass(frozen=True)
 class Backend:
     """One way of computing a stage.
 
-    ``fn(model=..., params=..., **arrays)`` returns the output arrays. ``uses`` lists the stage inputs
-    this backend reads (``None``: all required inputs). ``load(weights_path, device)`` builds the model;
-    it runs once per worker process and weights path (see :func:`load_model`).
+    ``fn(model=..., params=..., **arrays)`` returns the output arrays. What it reads is its key:
+
+    * ``uses``: the stage inputs it reads; by default its function's keyword-only array arguments
+      (:func:`signature_inputs`), all stage inputs if it takes ``**arrays``.
+    * ``reads``: the parameter fields it reads (``None``: every field, the cautious default of a backend
+      not yet declared). Fields outside ``reads`` neither enter the key nor reach the function.
+
+    ``load(weights_path, device)`` builds the model; it runs once per worker process and weights path
+    (see :func:`load_model`).
     """
 
     name: str
@@ -68,6 +126,11 @@ class Backend:
     load: Callable[[str | None, str], Any] | None = None
     needs_weights: bool = False
     gpu: bool = False
+    reads: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.uses is None:
+            object.__setattr__(self, "uses", signature_inputs(self.fn))
 
 
 @dataclass(frozen=True)
@@ -83,6 +146,16 @@ class Stage:
     doc: str = ""
     attrs_fn: Callable[..., dict[str, Any]] | None = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        fields = set(self.params.model_fields)
+        for be in self.backends.values():
+            unknown = set(be.uses or ()) - set(self.inputs)
+            if unknown:
+                raise TypeError(f"stage {self.name!r}: backend {be.name!r} uses undeclared inputs {sorted(unknown)}")
+            unknown = set(be.reads or ()) - fields
+            if unknown:
+                raise TypeError(f"stage {self.name!r}: backend {be.name!r} reads unknown params {sorted(unknown)}")
+
     def backend(self, name: str | None) -> Backend:
         name = name or self.default_backend
         try:
@@ -95,6 +168,17 @@ class Stage:
     def used_inputs(self, backend: str | None) -> tuple[str, ...]:
         uses = self.backend(backend).uses
         return self.inputs if uses is None else uses
+
+    def read_fields(self, backend: str | None) -> tuple[str, ...]:
+        """The parameter fields the backend reads (in the params model's order)."""
+        reads = self.backend(backend).reads
+        fields = tuple(self.params.model_fields)
+        return fields if reads is None else tuple(f for f in fields if f in reads)
+
+    def key_params(self, backend: str | None, params: Mapping[str, Any] | Params | None) -> dict[str, Any]:
+        """The resolved parameters that enter the backend's artifact key: those it reads, JSON-able."""
+        dumped = self.resolve_params(params).model_dump(mode="json")
+        return {f: dumped[f] for f in self.read_fields(backend)}
 
     def resolve_params(self, overrides: Mapping[str, Any] | Params | None = None) -> Params:
         if isinstance(overrides, self.params):
@@ -120,7 +204,8 @@ class Stage:
         if missing:
             raise StageInputError(f"stage {self.name!r} ({be.name}): missing inputs {missing}")
         model = load_model(self, be, weights, device) if be.load else None
-        out = be.fn(model=model, params=resolved, **{n: arrays[n] for n in needed})
+        view = ParamsView(resolved, frozenset(self.read_fields(be.name)), f"stage {self.name!r} ({be.name})")
+        out = be.fn(model=model, params=view, **{n: arrays[n] for n in needed})
         for name, spec in self.outputs.items():
             if name not in out:
                 if name in self.optional_outputs:

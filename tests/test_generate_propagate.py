@@ -15,7 +15,8 @@ import pytest
 from stages import get_stage, metrics
 from stages.base import MissingWeightsError, StageInputError
 from stages.export import contact_sheet
-from stages.generate import STAGE, GenerateParams, fill_holes
+from stages.generate import STAGE, GenerateParams
+from stages.propagate import fill_holes
 from stages.source_masks import track_masks
 
 N, SIZE = 16, 512
