@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flows.demo_clip import edited_first_frame, frames_and_masks  # noqa: E402
+from flows.config.demo_clip import edited_first_frame, frames_and_masks  # noqa: E402
 from stages import get_stage  # noqa: E402
 from stages.metrics import iou  # noqa: E402
 from stages.motion import MotionParams, simulate_motion  # noqa: E402

@@ -50,8 +50,8 @@ def per_task_seconds(n: int = 100) -> dict[str, float]:
     from prefect.task_runners import ThreadPoolTaskRunner
     from prefect_ray import RayTaskRunner
 
-    from flows import ray_dispatch
-    from flows.engine import limit_threads  # a no-op with None, importable by workers (as run_stage is)
+    from flows.orchestrate import ray_dispatch
+    from flows.run.engine import limit_threads  # a no-op with None, importable by workers (as run_stage is)
 
     @task
     def noop(i: int) -> int:
@@ -87,7 +87,7 @@ def per_task_seconds(n: int = 100) -> dict[str, float]:
 
 
 def make_catalog(folder: Path, jobs: int) -> Path:
-    from flows.demo_clip import make_demo_clip
+    from flows.config.demo_clip import make_demo_clip
 
     lines = ["jobs:"]
     for i in range(jobs):
@@ -110,9 +110,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_HOME", str(work / "prefect-home"))
 
-    from flows import prefect_env
-    from flows.profiles import Profile, RunnerConfig
-    from flows.runs import run_catalog
+    from flows.orchestrate import prefect_env
+    from flows.config.profiles import Profile, RunnerConfig
+    from flows.api import run_catalog
 
     params = {"ingest": {"n_frames": args.frames, "width": args.size, "height": args.size}}
     catalog = make_catalog(work / "clips", args.jobs)

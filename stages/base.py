@@ -24,16 +24,20 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 
 class Params(BaseModel):
-    """Base class of every stage's parameters: strict, immutable, JSON-able."""
+    """Base class of every stage's parameters: strict, immutable, JSON-able.
+
+    ``follows`` maps fields whose value a stage takes from another stage's parameters (field -> stage):
+    every stage that places images on the canvas uses ingest's canvas, say. The planner copies them."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    follows: ClassVar[Mapping[str, str]] = {}
 
 
 class StageInputError(ValueError):
@@ -143,6 +147,9 @@ class Stage:
     backends: Mapping[str, Backend]
     default_backend: str
     optional_outputs: tuple[str, ...] = ()
+    # Optional outputs that exist only when the job supplies an input (output -> that input): ingest makes
+    # provided_masks only from masks the catalog row gives.
+    output_needs_input: Mapping[str, str] = field(default_factory=dict)
     doc: str = ""
     attrs_fn: Callable[..., dict[str, Any]] | None = field(default=None, repr=False)
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import cv2
 import numpy as np
@@ -28,6 +29,8 @@ VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".webm", ".mkv", ".m4v"}
 
 class CanvasParams(Params):
     """The working canvas; every stage that brings an image onto it (ingest, a provided edit) shares it."""
+
+    follows: ClassVar[Mapping[str, str]] = {"canvas": "ingest", "width": "ingest", "height": "ingest"}
 
     canvas: Literal["squash", "letterbox", "crop"] = "squash"
     width: int = 512
@@ -121,6 +124,7 @@ STAGE = Stage(
         "provided_masks": ArraySpec(("mask_frame", "y", "x"), "bool"),
     },
     optional_outputs=("provided_masks",),
+    output_needs_input={"provided_masks": "source_masks"},
     params=IngestParams,
     backends={"decode": Backend("decode", to_canvas)},
     default_backend="decode",

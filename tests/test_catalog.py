@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.catalog import CatalogError, Job, load_catalog, single_job
+from flows.config.catalog import CatalogError, Job, load_catalog, single_job
 
 BEAR = Path(__file__).parent / "data" / "bear"
 

@@ -18,7 +18,7 @@ BEAR = Path(__file__).parent / "data" / "bear"
 
 def v2v(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "V2V_STORE": "", "V2V_PROFILE": ""}
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd or REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "flows.cli.main", *args], cwd=cwd or REPO, env=env,
                           capture_output=True, text=True, timeout=600)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flows.davis_edit import DavisEditError, davis_edit_jobs, register, write_davis_edit_catalog
+from flows.config.davis_edit import DavisEditError, davis_edit_jobs, register, write_davis_edit_catalog
 
 CAPTIONS = {
     "text": {"bear": {"original": "a bear walking on rocks", "similar": "a panda walking on rocks",
@@ -59,7 +59,7 @@ def _tree(root: Path) -> Path:
 
 
 def test_text_catalog_validates_and_ingests(tmp_path: Path) -> None:
-    from flows.catalog import load_catalog
+    from flows.config.catalog import load_catalog
     from stages.ingest import IngestParams, read_source
 
     root = _tree(tmp_path / "DAVIS-Edit")
@@ -78,7 +78,7 @@ def test_text_catalog_validates_and_ingests(tmp_path: Path) -> None:
 
 
 def test_image_catalog_uses_reference_images_and_skips_what_is_missing(tmp_path: Path) -> None:
-    from flows.catalog import load_catalog
+    from flows.config.catalog import load_catalog
 
     root = _tree(tmp_path / "DAVIS-Edit")
     jobs, skipped = davis_edit_jobs(root, "image", "changing", tmp_path)

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from flows.execute import make_call
+from flows.plan.calls import make_call
 from stages import base
 from stages.base import MissingWeightsError, StageInputError
 from stages.edit import STAGE, grow, sketch_region, sketch_strokes

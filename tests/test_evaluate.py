@@ -9,7 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from flows.execute import execute, make_call
+from flows.plan.calls import make_call
+from flows.run.execute import execute
 from stages import base
 from stages.evaluate import STAGE, EvaluateParams
 from storage.store import ArtifactStore

@@ -106,10 +106,10 @@ def test_contact_sheet(bear_clip: np.ndarray, tmp_path: Path) -> None:
 def test_job_contact_sheet_is_in_pipeline_order_from_memory_or_store(tmp_path: Path) -> None:
     """The sheet a run writes (arrays still in memory, stages in completion order) equals one rebuilt later
     from the store (arrays read back sorted by name), whatever order the artifacts are listed in."""
-    from flows.demo_clip import make_demo_clip
-    from flows.outputs import contact_sheet as job_sheet
-    from flows.profiles import Profile
-    from flows.runs import run_catalog
+    from flows.api import run_catalog
+    from flows.config.demo_clip import make_demo_clip
+    from flows.config.profiles import Profile
+    from flows.exports.outputs import contact_sheet as job_sheet
     from storage import ArtifactRef, ArtifactStore
 
     clip = make_demo_clip(tmp_path / "clip")

@@ -19,9 +19,9 @@ os.environ.setdefault("PREFECT_HOME", str(Path(tempfile.gettempdir()) / "v2v-tes
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from flows import execute as execute_mod  # noqa: E402
-from flows.profiles import Profile  # noqa: E402
-from flows.runs import prepare_catalog, run_catalog  # noqa: E402
+from flows.api import prepare_catalog, run_catalog  # noqa: E402
+from flows.config.profiles import Profile  # noqa: E402
+from flows.run import execute as execute_mod  # noqa: E402
 from stages.base import Stage  # noqa: E402
 
 BEAR = Path(__file__).parent / "data" / "bear"
@@ -35,7 +35,7 @@ def offline_profile(out: Path) -> Profile:
 
 
 def write_catalog(folder: Path, extra: str = "") -> Path:
-    from flows.demo_clip import make_demo_clip
+    from flows.config.demo_clip import make_demo_clip
 
     ball = make_demo_clip(folder / "ball")
     text = f"""jobs:
@@ -63,7 +63,7 @@ def write_catalog(folder: Path, extra: str = "") -> Path:
 
 @pytest.fixture(scope="module")
 def prefect_server() -> str:
-    from flows import prefect_env
+    from flows.orchestrate import prefect_env
 
     return prefect_env.ensure_server()
 

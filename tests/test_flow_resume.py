@@ -16,7 +16,7 @@ import pytest
 import yaml
 from test_flow_catalog import OFFLINE, SMALL, counts, delta, offline_profile, write_catalog
 
-from flows.runs import prepare_catalog, run_catalog
+from flows.api import prepare_catalog, run_catalog
 from storage.store import ArtifactRef, ArtifactStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def prefect_server() -> str:
-    from flows import prefect_env
+    from flows.orchestrate import prefect_env
 
     return prefect_env.ensure_server()
 
@@ -45,7 +45,7 @@ def test_sigkill_mid_catalog_then_resume(tmp_path: Path, prefect_server: str) ->
     total = len({sp.key for p in fresh for sp in p.stages.values() if sp.call})
     # The child talks to this session's Prefect server (no second server start).
     env = {**os.environ, "PREFECT_API_URL": prefect_server, "PYTHONPATH": str(REPO)}
-    child = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(cat), "--profile", str(profile_file),
+    child = subprocess.Popen([sys.executable, "-m", "flows.cli.main", "run", str(cat), "--profile", str(profile_file),
                               "--store", str(store), "--out", str(out)], cwd=REPO, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240

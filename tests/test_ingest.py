@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from conftest import BEAR, encode_mp4
-from flows.execute import execute, make_call
+from flows.plan.calls import make_call
+from flows.run.execute import execute
 from stages.base import StageInputError
 from stages.ingest import STAGE, IngestParams, canvas_geometry, read_source, restore_from_canvas
 from storage import ArtifactStore

@@ -12,9 +12,9 @@ import pytest
 import yaml
 from test_flow_catalog import OFFLINE
 
-from flows.catalog import build_catalog
-from flows.profiles import load_profile
-from flows.runs import run_catalog
+from flows.api import run_catalog
+from flows.config.catalog import build_catalog
+from flows.config.profiles import load_profile
 from storage.store import ArtifactRef, ArtifactStore
 
 CATALOGS = Path(__file__).resolve().parent.parent / "catalogs"
@@ -25,7 +25,7 @@ def test_a_local_ray_started_by_v2v_prints_no_auth_notice(capfd: pytest.CaptureF
     """Ray's notice that it enabled token auth by default is dropped for the cluster v2v starts (it cut into
     the progress bars); it starts and stops cleanly."""
     ray = pytest.importorskip("ray")
-    from flows.ray_dispatch import call, ray_session
+    from flows.orchestrate.ray_dispatch import call, ray_session
 
     if ray.is_initialized():
         pytest.skip("a Ray is already running in this process")
@@ -43,7 +43,7 @@ def test_a_local_ray_started_by_v2v_prints_no_auth_notice(capfd: pytest.CaptureF
 @pytest.fixture(scope="module")
 def local_ray() -> object:
     ray = pytest.importorskip("ray")
-    from flows import prefect_env
+    from flows.orchestrate import prefect_env
 
     url = prefect_env.ensure_server()
     os.environ["PREFECT_API_URL"] = url  # the workers inherit it from the raylet started below
@@ -56,7 +56,7 @@ def local_ray() -> object:
 
 def demo_catalog(tmp_path: Path):  # type: ignore[no-untyped-def]
     """catalogs/demo.yaml as it is, with its generated clip made in tmp_path instead of the repo."""
-    from flows.demo_clip import make_demo_clip
+    from flows.config.demo_clip import make_demo_clip
 
     ball = make_demo_clip(tmp_path / "rolling-ball")
     data = yaml.safe_load((CATALOGS / "demo.yaml").read_text())

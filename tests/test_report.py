@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flows.report import aggregate, collect_job, write_report
+from flows.exports.report import aggregate, collect_job, write_report
 from stages import metrics
 from stages.evaluate import STAGE as EVALUATE
 from storage.store import ArtifactRef, ArtifactStore
@@ -125,7 +125,7 @@ def test_cli_command(report_dir: tuple[Path, ArtifactStore], tmp_path: Path) -> 
     import typer
     from typer.testing import CliRunner
 
-    from flows.report import register
+    from flows.exports.report import register
 
     page, store = report_dir
     app = typer.Typer()

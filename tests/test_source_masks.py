@@ -60,7 +60,7 @@ def test_track_follows_a_small_fast_ball() -> None:
     """The demo ball (radius 22 px, ~7 px per frame on noise, at the clip's own 256²): a DIS flow straight
     back to the anchor frame fails at that range, and averaging it in lost the ball (IoU 0 by frame 9).
     ``bench/masks.py`` prints the same on the demo's 512² canvas."""
-    from flows.demo_clip import frames_and_masks
+    from flows.config.demo_clip import frames_and_masks
 
     frames, truth = frames_and_masks(0)
     frames, truth = frames[:10], truth[:10].astype(bool)

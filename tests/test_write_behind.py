@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flows.worker_store import CommitError, WorkerStore
 from storage import ArtifactRef, ArtifactStore
+from storage.write_behind import CommitError, WorkerStore
 
 RNG = np.random.default_rng(3)
 FRAMES = RNG.integers(0, 255, size=(4, 32, 48, 3), dtype=np.uint8)
@@ -55,7 +55,7 @@ def test_pending_artifacts_read_from_memory_then_commit_in_order(tmp_path: Path)
 def test_threads_opening_one_store_at_once_share_its_pending_writes(tmp_path: Path) -> None:
     """The first stage tasks of a run open the store together; a second store object would hide the first
     one's pending writes from the next stage (seen as a flaky 'no complete artifact' in CI)."""
-    from flows.worker_store import store_for
+    from storage.write_behind import store_for
 
     for trial in range(5):
         url = str(tmp_path / f"s{trial}")
@@ -79,9 +79,9 @@ def test_threads_opening_one_store_at_once_share_its_pending_writes(tmp_path: Pa
 
 def test_a_failed_commit_is_raised_by_flush_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                                                  ) -> None:
-    import flows.worker_store
+    import storage.write_behind
 
-    monkeypatch.setattr(flows.worker_store, "PENDING_MAX_BYTES", 1)  # every write waits for the one before
+    monkeypatch.setattr(storage.write_behind, "PENDING_MAX_BYTES", 1)  # every write waits for the one before
     SlowStore.gate.set()
     store = WorkerStore(SlowStore(tmp_path / "s"))
     good, bad = ArtifactRef("flow", "b" * 64), ArtifactRef("flow", "c" * 64)
@@ -102,9 +102,9 @@ def test_a_failed_commit_is_raised_by_flush_and_leaves_nothing(tmp_path: Path, m
 
 def test_a_job_whose_commit_fails_is_failed_with_the_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                                              ) -> None:
-    from flows.demo_clip import make_demo_clip
-    from flows.profiles import Profile
-    from flows.runs import run_catalog
+    from flows.api import run_catalog
+    from flows.config.demo_clip import make_demo_clip
+    from flows.config.profiles import Profile
 
     clips = [make_demo_clip(tmp_path / f"clip{i}", variant=i) for i in range(2)]
     rows = "".join(f"""  - id: job{i}

@@ -15,10 +15,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from flows.catalog import Catalog, load_catalog, single_job
-from flows.engine import InlineExecutor, OutputsConfig, Reporter, RunReport, schedule
-from flows.plan import JobPlan, plan_catalog
-from flows.profiles import Profile, load_profile
+from flows.config.catalog import Catalog, load_catalog, single_job
+from flows.config.profiles import Profile, load_profile
+from flows.plan.planner import JobPlan, plan_catalog
+from flows.run.engine import InlineExecutor, OutputsConfig, Reporter, RunReport, schedule
 from storage.store import ArtifactStore, open_store
 
 Orchestrator = Literal["prefect", "inline"]
@@ -80,7 +80,7 @@ def run_plans(plans: list[JobPlan], profile: Profile, store: ArtifactStore, *, o
             executor.close()
         report.orchestrator = "none (all cached)" if not work else "inline"
         return report
-    from flows import pipeline
+    from flows.orchestrate import prefect_flows as pipeline
 
     token = pipeline.prepare(plans, reporter)
     pipeline._PREPARED[token].update(profile=profile, store=store, out=str(out_root), start=start)

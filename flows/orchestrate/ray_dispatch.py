@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from flows.profiles import Profile
+from flows.config.profiles import Profile
 
 _REMOTES: dict[str, Any] = {}
 _REMOTES_LOCK = threading.Lock()

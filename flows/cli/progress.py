@@ -8,8 +8,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from flows.engine import JobResult, RunReport, StageResult
-from flows.plan import JobPlan
+from flows.plan.planner import JobPlan
+from flows.run.engine import JobResult, RunReport, StageResult
 
 STATUS_STYLE = {"done": "green", "cached": "blue", "failed": "red", "run": "yellow", "skip": "dim",
                 "computed": "green", "blocked": "red", "skipped": "dim"}

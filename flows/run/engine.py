@@ -18,10 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from flows.execute import execute
-from flows.plan import JobPlan, StagePlan
-from flows.worker_store import CommitError, flush_all, store_for
+from flows.plan.planner import JobPlan, StagePlan
+from flows.run.execute import execute
 from storage.store import ArtifactStore
+from storage.write_behind import CommitError, flush_all, store_for
 
 
 @dataclass
@@ -147,7 +147,7 @@ def run_stage(call: Any, store_url: str, store_options: dict[str, Any] | None, d
     """Execute one stage call against the store; returns a small reference (never arrays).
 
     ``write_behind``: commit the artifact on this process's writer thread (in-process executors, whose
-    next stage reads the arrays from memory; see :mod:`flows.worker_store`). ``compute_slots``: at most that
+    next stage reads the arrays from memory; see :mod:`storage.write_behind`). ``compute_slots``: at most that
     many stages of this process compute at once, while more calls may be in flight (their orchestration and
     input reads overlap the computing ones)."""
     limit_threads(threads)
@@ -185,7 +185,7 @@ class InlineExecutor:
                                 self.device, externals, write_behind=True)
 
     def submit_outputs(self, job_id: str, kwargs: dict[str, Any]) -> Any:
-        from flows.outputs import job_outputs
+        from flows.exports.outputs import job_outputs
 
         return self.exports.submit(job_outputs, **kwargs)
 
@@ -221,7 +221,7 @@ def schedule(plans: list[JobPlan], executor: Executor, store: ArtifactStore, rep
     inside a task for another one, so Ray keeps exactly its worker processes busy (a task blocked in
     ``ray.get`` makes Ray start extra workers) and threads never idle on upstream work.
     """
-    from flows.outputs import done_refs, record
+    from flows.exports.outputs import done_refs, record
 
     reporter = reporter or NullReporter()
     start = start if start is not None else time.perf_counter()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flows import prefect_env
+from flows.orchestrate import prefect_env
 
 prefect_env.configure()
 
@@ -28,11 +28,11 @@ from prefect.cache_policies import CachePolicy  # noqa: E402
 from prefect.context import TaskRunContext  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
-from flows.engine import RunReport, error_text, run_stage, schedule  # noqa: E402
-from flows.plan import JobPlan, StagePlan  # noqa: E402
-from flows.profiles import Profile  # noqa: E402
-from flows.worker_store import store_for  # noqa: E402
+from flows.config.profiles import Profile  # noqa: E402
+from flows.plan.planner import JobPlan, StagePlan  # noqa: E402
+from flows.run.engine import RunReport, error_text, run_stage, schedule  # noqa: E402
 from storage.store import ArtifactStore  # noqa: E402
+from storage.write_behind import store_for  # noqa: E402
 
 
 @dataclass
@@ -74,7 +74,7 @@ def stage_task(call: Any, store_url: str, store_options: dict[str, Any] | None, 
     """One stage call (submitted once the artifacts it reads exist); ``ray_resources``: its body runs as a
     Ray task with that reservation (``dispatch: ray``)."""
     if ray_resources is not None:
-        from flows import ray_dispatch
+        from flows.orchestrate import ray_dispatch
 
         return ray_dispatch.call(run_stage, ray_resources, call, store_url, store_options, device, externals,
                                  threads)
@@ -84,10 +84,10 @@ def stage_task(call: Any, store_url: str, store_options: dict[str, Any] | None, 
 @task(name="export", retries=1, retry_condition_fn=transient)
 def outputs_task(ray_resources: dict[str, Any] | None = None, **kwargs: Any) -> dict[str, str]:
     """A finished job's video files and contact sheet (no-op when up to date)."""
-    from flows.outputs import job_outputs
+    from flows.exports.outputs import job_outputs
 
     if ray_resources is not None:
-        from flows import ray_dispatch
+        from flows.orchestrate import ray_dispatch
 
         return ray_dispatch.call(job_outputs, ray_resources, **kwargs)
     return job_outputs(**kwargs)
@@ -109,7 +109,7 @@ class PrefectExecutor:
         self.ray_tasks = r.kind == "ray" and r.dispatch == "ray"
         self.stage_slots: int | None = r.max_workers + 1 if self.in_process else None
         if self.ray_tasks:
-            from flows import ray_dispatch
+            from flows.orchestrate import ray_dispatch
 
             self.stage_slots = ray_dispatch.stage_slots(profile)
 
@@ -174,11 +174,11 @@ def task_runner_for(profile: Profile) -> Any:
     if r.kind == "ray" and r.dispatch == "prefect-ray":
         from prefect_ray import RayTaskRunner
 
-        from flows.ray_dispatch import init_kwargs
+        from flows.orchestrate.ray_dispatch import init_kwargs
 
         return RayTaskRunner(address=r.address, init_kwargs=init_kwargs(profile))
     if r.kind == "ray":  # threads waiting on Ray tasks: one per slot, + 1 for exports
-        from flows.ray_dispatch import stage_slots
+        from flows.orchestrate.ray_dispatch import stage_slots
 
         return ThreadPoolTaskRunner(max_workers=stage_slots(profile) + 1)
     return ThreadPoolTaskRunner(max_workers=r.max_workers + 2)  # see PrefectExecutor.stage_slots
@@ -208,7 +208,7 @@ def _summary_artifact(report: RunReport, title: str) -> None:
 
 def _body(catalog: str | None, profile: str | None, store: str | None, overrides: dict[str, Any] | None,
           prepared: str | None, title: str) -> dict[str, Any]:
-    from flows import runs
+    from flows import api as runs
 
     start = time.perf_counter()
     hooks = _PREPARED.pop(prepared, None) if prepared else None
@@ -249,7 +249,7 @@ def run_flow(flow_name: str, params: dict[str, Any], profile: Profile) -> RunRep
     r = profile.runner
     with prefect_env.prefect_session(), contextlib.ExitStack() as stack:
         if r.kind == "ray" and r.dispatch == "ray":
-            from flows.ray_dispatch import ray_session
+            from flows.orchestrate.ray_dispatch import ray_session
 
             stack.enter_context(ray_session(profile))
         result = fl.with_options(task_runner=task_runner_for(profile))(**params)

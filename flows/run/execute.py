@@ -1,8 +1,7 @@
-"""Run one stage against the store: key, cache check, compute, atomic write. No Prefect here.
+"""Run one stage call against the store: cache check, input reads, compute, atomic write. No Prefect here.
 
-The Prefect tasks, the Ray workers and the tests all call :func:`execute`. A call is described by a
-:class:`StageCall`, whose key is computable before anything runs (it only needs the upstream keys), so
-``v2v plan`` and Prefect's cache policy use the very same key as the store.
+The Prefect tasks, the Ray workers and the tests all call :func:`execute` with a
+:class:`flows.plan.calls.StageCall` planned beforehand.
 """
 
 from __future__ import annotations
@@ -11,68 +10,15 @@ import contextlib
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from flows.plan.calls import StageCall, Upstream
 from stages import get_stage
-from stages.base import Stage
-from storage.keys import array_digest, artifact_key, weights_digest
+from storage.keys import array_digest
 from storage.store import ArtifactRef, ArtifactStore
-
-
-@dataclass(frozen=True)
-class Upstream:
-    """Where an input array comes from: an artifact in the store."""
-
-    stage: str
-    key: str
-
-    @property
-    def ref(self) -> ArtifactRef:
-        return ArtifactRef(self.stage, self.key)
-
-
-@dataclass(frozen=True)
-class StageCall:
-    stage: str
-    backend: str
-    params: Mapping[str, Any]  # resolved, JSON-able
-    inputs: Mapping[str, Upstream | str]  # array name -> upstream artifact, or content digest of an external
-    weights: str | None = None
-    weights_digest: str = ""
-    key: str = field(default="")
-
-    @property
-    def ref(self) -> ArtifactRef:
-        return ArtifactRef(self.stage, self.key)
-
-    def input_keys(self) -> dict[str, str]:
-        return {name: (src.key if isinstance(src, Upstream) else f"external:{src}")
-                for name, src in self.inputs.items()}
-
-
-def make_call(stage: Stage | str, *, params: Mapping[str, Any] | None = None, backend: str | None = None,
-              inputs: Mapping[str, Upstream | np.ndarray | str], weights: str | None = None) -> StageCall:
-    """Resolve parameters and backend, keep the inputs the backend uses, and compute the key.
-
-    An external input may be given as its array or as its content digest (``array_digest``) when the
-    caller knows it without loading the array (the flows' fingerprint index)."""
-    st = get_stage(stage) if isinstance(stage, str) else stage
-    be = st.backend(backend)
-    resolved = st.resolve_params(params).model_dump(mode="json")
-    used = st.used_inputs(be.name)
-    missing = [n for n in used if n not in inputs]
-    if missing:
-        raise ValueError(f"stage {st.name!r} ({be.name}) needs inputs {missing}")
-    srcs: dict[str, Upstream | str] = {
-        n: inputs[n] if isinstance(inputs[n], (Upstream, str)) else array_digest(np.asarray(inputs[n]))
-        for n in used}
-    wdigest = weights_digest(weights) if (be.needs_weights or weights) else ""
-    call = StageCall(st.name, be.name, resolved, srcs, weights if be.load else None, wdigest)
-    key = artifact_key(st.name, st.version, resolved, be.name, wdigest, call.input_keys())
-    return StageCall(st.name, be.name, resolved, srcs, call.weights, wdigest, key)
 
 
 @dataclass
@@ -129,7 +75,7 @@ def execute(
     COMPUTE_COUNT[call.stage] = COMPUTE_COUNT.get(call.stage, 0) + 1
     attrs: dict[str, Any] = {
         "version": stage.version,
-        "params": dict(call.params),
+        "params": dict(call.key_params),  # what the key covers; unread fields did not shape this artifact
         "backend": call.backend,
         "weights_digest": call.weights_digest,
         "inputs": call.input_keys(),

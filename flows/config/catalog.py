@@ -107,6 +107,10 @@ class Job(BaseModel):
     def edit_backend(self) -> str:
         return self.backends.get("edit") or EDIT_MODE_BACKENDS[self.mode or "provided"]
 
+    def stage_backends(self) -> dict[str, str]:
+        """The row's backend choices, with the edit mode's backend for the edit stage."""
+        return {"edit": self.edit_backend, **self.backends}
+
     def common_params(self) -> dict[str, Any]:
         """Job-level values given to every stage whose parameters have a field of that name."""
         out: dict[str, Any] = {"prompt": self.prompt}

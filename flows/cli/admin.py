@@ -7,11 +7,11 @@ from typing import Annotated, Any
 
 import typer
 
-from flows.cli_common import ProfileOpt, StoreOpt, _console, fail
+from flows.cli.common import ProfileOpt, StoreOpt, _console, fail
 
 
 def _store(store: str | None, profile: str | None) -> Any:
-    from flows.runs import resolve
+    from flows.api import resolve
 
     return resolve(profile, store, None)[1]
 
@@ -131,7 +131,7 @@ def schedule(catalog: Annotated[Path, typer.Argument(help="catalog file")],
     """
     import os
 
-    from flows import prefect_env
+    from flows.orchestrate import prefect_env
 
     if not os.environ.get("PREFECT_API_URL"):
         fail("schedules need a running Prefect server: run `prefect server start` and set "
@@ -139,8 +139,8 @@ def schedule(catalog: Annotated[Path, typer.Argument(help="catalog file")],
     if not catalog.is_file():
         fail(f"{catalog}: no such catalog file")
     prefect_env.configure()
-    from flows.pipeline import edit_catalog, task_runner_for
-    from flows.profiles import load_profile
+    from flows.config.profiles import load_profile
+    from flows.orchestrate.prefect_flows import edit_catalog, task_runner_for
 
     prof = load_profile(profile)
     params = {"catalog": str(catalog.resolve()), "profile": profile or prof.name, "store": store or prof.store}

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from flows.cli_common import (
+from flows.cli.common import (
     BackendOpt,
     DeviceOpt,
     InlineOpt,
@@ -37,8 +37,8 @@ app.add_typer(store_app, name="store")
 app.add_typer(models_app, name="models")
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from flows.catalog import CatalogError
-    from flows.profiles import ProfileError
+    from flows.config.catalog import CatalogError
+    from flows.config.profiles import ProfileError
     from stages.base import StageInputError
     from storage.store import ArtifactNotFound
 
@@ -48,7 +48,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _overrides(set_: list[str] | None, backend: list[str] | None, weights: list[str] | None, out: str | None,
                device: str | None, runner: str | None, workers: int | None) -> dict[str, Any]:
-    from flows.profiles import ProfileError, parse_assignments
+    from flows.config.profiles import ProfileError, parse_assignments
 
     params = parse_assignments(set_, "--set")
     flat = [k for k, v in params.items() if not isinstance(v, dict)]
@@ -64,13 +64,13 @@ def _overrides(set_: list[str] | None, backend: list[str] | None, weights: list[
 def _execute(catalog: Any, profile: str | None, store: str | None, overrides: dict[str, Any], inline: bool,
              verbose: bool) -> int:
     """Plan (with a spinner), run (progress bars), print the summary; returns the exit code."""
-    from flows import prefect_env
+    from flows.orchestrate import prefect_env
 
     prefect_env.configure(verbose)
     import time
 
-    from flows.progress import RichReporter, summary_table
-    from flows.runs import prepare_catalog, run_plans
+    from flows.api import prepare_catalog, run_plans
+    from flows.cli.progress import RichReporter, summary_table
 
     start = time.perf_counter()
     console = _console()
@@ -146,8 +146,8 @@ def plan(catalog: Annotated[Path, typer.Argument(help="catalog file")], profile:
          store: StoreOpt = None, set_: SetOpt = None, backend: BackendOpt = None, weights: WeightsOpt = None,
          device: DeviceOpt = None) -> None:
     """Show, per job and stage, cached or to run and why, without computing anything."""
-    from flows.progress import plan_table
-    from flows.runs import prepare_catalog
+    from flows.api import prepare_catalog
+    from flows.cli.progress import plan_table
 
     ov = _overrides(set_, backend, weights, None, device, None, None)
     console = _console()
@@ -165,8 +165,8 @@ def inspect(job: Annotated[str, typer.Argument(help="job id")], store: StoreOpt 
                 "--sheet", help="contact sheet path (default OUT/JOB/contact-sheet.png)")] = None,
             out: OutOpt = None) -> None:
     """Print a job's xarray Dataset and write a contact sheet of every stage's output."""
-    from flows.outputs import contact_sheet
-    from flows.runs import resolve
+    from flows.api import resolve
+    from flows.exports.outputs import contact_sheet
     from storage import open_job
     from storage.store import ArtifactRef
 
@@ -185,8 +185,8 @@ def inspect(job: Annotated[str, typer.Argument(help="job id")], store: StoreOpt 
 def demo(profile: ProfileOpt = None, store: StoreOpt = None, out: OutOpt = None, inline: InlineOpt = False,
          verbose: VerboseOpt = False) -> None:
     """The demo: fetch IS-Net if possible, make the synthetic clip, run catalogs/demo.yaml."""
-    from flows.cli_admin import fetch_model
-    from flows.demo_clip import make_demo_clip
+    from flows.cli.admin import fetch_model
+    from flows.config.demo_clip import make_demo_clip
 
     console = _console()
     try:
@@ -208,11 +208,11 @@ def demo(profile: ProfileOpt = None, store: StoreOpt = None, out: OutOpt = None,
 def _register_admin() -> None:
     import importlib
 
-    from flows import cli_admin
+    from flows.cli import admin as cli_admin
 
     cli_admin.register(app, store_app, models_app)
     # Commands contributed by other flows modules (``register(app)``), when present.
-    for name in ("flows.report", "flows.davis_edit"):
+    for name in ("flows.exports.report", "flows.config.davis_edit"):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:

@@ -13,23 +13,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from flows.catalog import EDIT_MODE_INPUTS, Catalog, Job, RowError
-from flows.execute import StageCall, Upstream, make_call
-from flows.externals import JobExternals
-from flows.profiles import Profile
+from flows.config.catalog import Catalog, Job, RowError
+from flows.config.profiles import Profile
+from flows.plan import causes as cz
+from flows.plan.calls import StageCall, Upstream, make_call
+from flows.plan.externals import SOURCE_ARRAYS, JobExternals
 from stages import PIPELINE, available_stages
 from stages.base import Stage, StageInputError
 from storage.store import ArtifactNotFound, ArtifactRef, ArtifactStore
 
 Status = Literal["cached", "run", "skip"]
-CANVAS_FIELDS = ("canvas", "width", "height")
 
 
 @dataclass
 class StagePlan:
     stage: str
     status: Status
-    reason: str
+    causes: tuple[cz.Cause, ...]  # why it is cached, runs or is skipped
     call: StageCall | None = None
     upstream: tuple[str, ...] = ()  # stages of this job it reads
     externals: tuple[str, ...] = ()  # job arrays it reads
@@ -38,6 +38,10 @@ class StagePlan:
     @property
     def key(self) -> str:
         return self.call.key if self.call else ""
+
+    @property
+    def reason(self) -> str:
+        return cz.render(self.causes)
 
 
 @dataclass
@@ -88,18 +92,15 @@ def ordered_stages(stages: Mapping[str, Stage] | None = None) -> dict[str, Stage
 
 # ---- parameters and backends ---------------------------------------------------------------------------
 
-# Backends that ignore the job-level prompt/seed/instruction although their stage has such fields: giving
-# them those values would only change their keys (and re-run everything downstream) for identical output.
-IGNORES_JOB_TEXT = {("edit", "provided")}
-
-
 def _param_layers(stage: Stage, job: Job, profile: Profile, cli_params: Mapping[str, Mapping[str, Any]],
-                  backend: str | None = None) -> tuple[dict[str, Any], set[str]]:
-    """Merged parameter overrides (profile < job-level < row < CLI) and the keys set explicitly."""
+                  ) -> tuple[dict[str, Any], set[str]]:
+    """Merged parameter overrides (profile < job-level < row < CLI) and the keys set explicitly.
+
+    Job texts (prompt, seed, ...) go to every stage with such a field; only backends that read them get
+    them in their key (``Stage.key_params``)."""
     fields = set(stage.params.model_fields)
     merged: dict[str, Any] = dict(profile.params.get(stage.name, {}))
-    if (stage.name, backend) not in IGNORES_JOB_TEXT:
-        merged.update({k: v for k, v in job.common_params().items() if k in fields})
+    merged.update({k: v for k, v in job.common_params().items() if k in fields})
     row = dict(job.params.get(stage.name, {}))
     cli = dict(cli_params.get(stage.name, {}))
     merged.update(row)
@@ -130,60 +131,23 @@ def _candidates(stage: Stage, choice: str, profile: Profile) -> list[str]:
 def _backend_choice(stage: Stage, job: Job, profile: Profile, cli_backends: Mapping[str, str]) -> str:
     if stage.name in cli_backends:
         return cli_backends[stage.name]
-    if stage.name == "edit":
-        return _edit_backend(stage, job)
-    return job.backends.get(stage.name) or profile.backends.get(stage.name) or "auto"
-
-
-def _edit_backend(stage: Stage, job: Job) -> str:
-    """The edit backend of the job's mode; by the external it reads when the name differs."""
-    name = job.edit_backend
-    if name in stage.backends:
-        return name
-    wanted = EDIT_MODE_INPUTS.get(job.mode or "")
-    for bname, be in stage.backends.items():
-        if wanted and be.uses is not None and wanted in be.uses:
-            return bname
-    raise StageInputError(f"edit mode {job.mode!r}: the edit stage has no backend {name!r} "
-                          f"(backends: {sorted(stage.backends)})")
+    return job.stage_backends().get(stage.name) or profile.backends.get(stage.name) or "auto"
 
 
 # ---- why a stage must run --------------------------------------------------------------------------------
 
-def _why(store: ArtifactStore, stage: str, call: StageCall, previous: Mapping[str, str]) -> str:
-    prev_key = previous.get(stage)
+def _why(store: ArtifactStore, stage: Stage, call: StageCall, previous: Mapping[str, str]) -> list[cz.Cause]:
+    prev_key = previous.get(stage.name)
     if prev_key is None:
-        return "new"
+        return [cz.New()]
     if prev_key == call.key:
-        return "artifact missing (never finished, or removed)"
+        return [cz.ArtifactMissing()]
     try:
-        old = store.attrs(ArtifactRef(stage, prev_key))
-    except (ArtifactNotFound, Exception):
-        return "changed since last run (previous artifact gone)"
-    reasons = []
-    if old.get("version") is not None and str(old.get("version")) != _stage_version(stage):
-        reasons.append(f"code version {old.get('version')} -> {_stage_version(stage)}")
-    if old.get("backend") != call.backend:
-        reasons.append(f"backend {old.get('backend')} -> {call.backend}")
-    if old.get("weights_digest", "") != call.weights_digest:
-        reasons.append("weights changed")
-    old_params = old.get("params", {})
-    diff = sorted(k for k in set(old_params) | set(call.params) if old_params.get(k) != call.params.get(k))
-    if diff:
-        reasons.append("params " + ", ".join(f"{k}={call.params.get(k)!r} (was {old_params.get(k)!r})"
-                                             for k in diff[:4]))
-    old_inputs = old.get("inputs", {})
-    new_inputs = call.input_keys()
-    changed = sorted(n for n in set(old_inputs) | set(new_inputs) if old_inputs.get(n) != new_inputs.get(n))
-    if changed:
-        reasons.append("input " + ", ".join(changed) + " changed")
-    return "; ".join(reasons) or "changed"
-
-
-def _stage_version(stage: str) -> str:
-    from stages import get_stage
-
-    return get_stage(stage).version
+        old = store.attrs(ArtifactRef(stage.name, prev_key))
+    except Exception:  # gone, unreadable or damaged: it cannot tell what changed
+        return [cz.PreviousGone()]
+    return cz.diff_causes(old, version=stage.version, backend=call.backend, weights_digest=call.weights_digest,
+                          params=call.key_params, inputs=call.input_keys())
 
 
 # ---- planning -------------------------------------------------------------------------------------------
@@ -212,16 +176,18 @@ def _plan_stages(plan: JobPlan, job: Job, profile: Profile, store: ArtifactStore
         unknown = sorted(set(names) - known)
         if unknown:
             raise StageInputError(f"{where}: unknown stage(s) {unknown}; stages are {list(PIPELINE)}")
-    if "ingest" not in stages:
-        raise StageInputError("no ingest stage available")
     previous: dict[str, str] = {}
     try:
         previous = dict(store.job(job.id).get("artifacts", {}))
     except (ArtifactNotFound, ValueError):
         pass
-    ingest_over, _ = _param_layers(stages["ingest"], job, profile, cli_params)
-    ingest_params = stages["ingest"].resolve_params(ingest_over).model_dump(mode="json")
-    ext = JobExternals(job, ingest_params, store)
+    source_stage = next((st for st in stages.values() if set(st.inputs) & set(SOURCE_ARRAYS)), None)
+    if source_stage is None:
+        raise StageInputError("no stage reads the source clip")
+    source_over, _ = _param_layers(source_stage, job, profile, cli_params)
+    source_params = source_stage.resolve_params(source_over).model_dump(mode="json")
+    ext = JobExternals(job, source_params, store)
+    resolved: dict[str, dict[str, Any]] = {source_stage.name: source_params}  # stage -> its resolved params
     plan.externals = ext
     available_ext = ext.names()
     produced: dict[str, str] = {}  # array name -> stage of this job producing it
@@ -238,7 +204,7 @@ def _plan_stages(plan: JobPlan, job: Job, profile: Profile, store: ArtifactStore
                 chosen = cand
                 break
         if chosen is None:
-            plan.stages[name] = StagePlan(name, "skip", _skip_reason(name, missing, stages, plan))
+            plan.stages[name] = StagePlan(name, "skip", _skip_causes(missing, stages, plan))
             continue
         be = stage.backend(chosen)
         weights = profile.weights_for(chosen) if be.needs_weights or be.load else None
@@ -247,14 +213,14 @@ def _plan_stages(plan: JobPlan, job: Job, profile: Profile, store: ArtifactStore
                                   f"profile (or `v2v models fetch {chosen}`), or choose another backend")
         if weights and not os.path.exists(weights):
             raise StageInputError(f"stage {name!r}: weights for {chosen!r} not found: {weights}")
-        overrides, explicit = _param_layers(stage, job, profile, cli_params, chosen)
-        if name != "ingest":
-            for f in CANVAS_FIELDS:  # stages that place images on the canvas use ingest's canvas
-                if f in stage.params.model_fields and f in ingest_params:
-                    if f in explicit and overrides[f] != ingest_params[f]:
-                        raise StageInputError(f"stage {name!r}: {f}={overrides[f]!r} differs from the ingest "
-                                              f"canvas ({f}={ingest_params[f]!r}); set it on ingest instead")
-                    overrides[f] = ingest_params[f]
+        overrides, explicit = _param_layers(stage, job, profile, cli_params)
+        for f, leader in stage.params.follows.items():  # e.g. the canvas: ingest's, for every stage
+            if leader == name or leader not in resolved or f not in resolved[leader]:
+                continue
+            if f in explicit and overrides[f] != resolved[leader][f]:
+                raise StageInputError(f"stage {name!r}: {f}={overrides[f]!r} differs from {leader}'s "
+                                      f"({f}={resolved[leader][f]!r}); set it on {leader} instead")
+            overrides[f] = resolved[leader][f]
         inputs: dict[str, Upstream | str] = {}
         upstream: list[str] = []
         ext_used: list[str] = []
@@ -269,36 +235,34 @@ def _plan_stages(plan: JobPlan, job: Job, profile: Profile, store: ArtifactStore
         call = make_call(stage, params=overrides, backend=chosen, inputs=inputs, weights=weights)
         if store.exists(call.ref):
             status: Status = "cached"
-            reason = "artifact in store"
+            why: list[cz.Cause] = [cz.InStore()]
         else:
-            status, reason = "run", _why(store, name, call, previous)
-        plan.stages[name] = StagePlan(name, status, reason, call, tuple(dict.fromkeys(upstream)), tuple(ext_used),
+            status, why = "run", _why(store, stage, call, previous)
+        plan.stages[name] = StagePlan(name, status, tuple(why), call, tuple(dict.fromkeys(upstream)), tuple(ext_used),
                                       gpu=be.gpu)
+        resolved[name] = dict(call.params)
         for out in stage.outputs:
-            if name == "ingest" and out == "provided_masks" and not _has_masks(ext):
+            needs = stage.output_needs_input.get(out)
+            if needs is not None and not ext.supplies(needs):
                 continue
             produced[out] = name
 
 
-def _has_masks(ext: JobExternals) -> bool:
-    if ext.has_masks is None:
-        ext.source_digests()
-    return bool(ext.has_masks)
-
-
-def _skip_reason(name: str, missing: list[str], stages: Mapping[str, Stage], plan: JobPlan) -> str:
-    parts = []
+def _skip_causes(missing: list[str], stages: Mapping[str, Stage], plan: JobPlan) -> tuple[cz.Cause, ...]:
+    out: list[cz.Cause] = []
     for m in missing:
         producer = next((s for s, st in stages.items() if m in st.outputs), None)
         if producer and plan.stages.get(producer) and plan.stages[producer].status == "skip":
-            parts.append(f"{m} (stage {producer} skipped)")
-        elif m == "provided_masks":
-            parts.append("provided_masks (give masks in the catalog row, or choose another backend)")
+            out.append(cz.MissingInput(m, f"stage {producer} skipped"))
+        elif producer and m in stages[producer].output_needs_input:
+            given = stages[producer].output_needs_input[m]
+            out.append(cz.MissingInput(m, f"{producer} makes it only from {given} the job gives: add them to "
+                                          "the catalog row, or choose another backend"))
         elif producer:
-            parts.append(f"{m} (not produced for this job)")
+            out.append(cz.MissingInput(m, "not produced for this job"))
         else:
-            parts.append(f"{m} (no stage produces it and the job does not give it)")
-    return "needs " + ", ".join(parts)
+            out.append(cz.MissingInput(m, "no stage produces it and the job does not give it"))
+    return tuple(out)
 
 
 def plan_catalog(catalog: Catalog, profile: Profile, store: ArtifactStore, *,

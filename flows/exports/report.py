@@ -323,7 +323,7 @@ def write_report(store: ArtifactStore | str | os.PathLike[str] | None, catalog: 
 def _catalog_jobs(catalog: Any) -> tuple[list[str], dict[str, str | None], str]:
     if isinstance(catalog, (list, tuple)):
         return [str(j) for j in catalog], {}, "jobs"
-    from flows.catalog import Catalog, load_catalog
+    from flows.config.catalog import Catalog, load_catalog
 
     cat = catalog if isinstance(catalog, Catalog) else load_catalog(catalog)
     for err in cat.errors:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from flows.plan import JobPlan
+from flows.plan.planner import JobPlan
 from storage.store import ArtifactRef, ArtifactStore
 
 THUMB = 128  # contact sheet cell height, px
@@ -169,7 +169,7 @@ def job_outputs(store_url: str, store_options: dict[str, Any] | None, job_id: st
     """
     import time
 
-    from flows.worker_store import store_for
+    from storage.write_behind import store_for
 
     t0 = time.perf_counter()
     store = store_for(store_url, store_options)

@@ -2,7 +2,7 @@
 
 A red ball rolls over a textured floor while the camera pans; its masks (exact: the clip is drawn) and an
 edited first frame (a taller green cone in place of the ball, so the shape changes) sit next to it.
-``python -m flows.demo_clip [FOLDER]`` writes ``clip.mp4``, ``masks/00000.png ...`` (one per frame),
+``python -m flows.config.demo_clip [FOLDER]`` writes ``clip.mp4``, ``masks/00000.png ...`` (one per frame),
 ``mask-00000.png`` (frame 0 only) and ``edited-first-frame.png``; files already there are kept, so the
 clip's pixels, and with them every key downstream, stay the same from one demo to the next.
 """

@@ -89,6 +89,14 @@ class JobExternals:
                 out.add(name)
         return out
 
+    def supplies(self, name: str) -> bool:
+        """Whether the job really gives ``name`` (an optional source array such as masks: non-empty)."""
+        if name == "source_masks":
+            if self.has_masks is None:
+                self.source_digests()
+            return bool(self.has_masks)
+        return name in self.names()
+
     # ---- source clip ---------------------------------------------------------------------------------
     def _source_fingerprint(self) -> str:
         src = Path(self.job.source)
