@@ -70,6 +70,23 @@ def test_user_mistakes_give_one_line_and_exit_2(workspace: Path) -> None:
         assert message in text and "error" in text, (args, text)
 
 
+@pytest.mark.parametrize("args, message", [
+    (("run",), "Missing argument 'catalog'"),
+    (("edit", "clip.mp4"), "Missing option '--prompt'"),
+    (("run", "c.yaml", "--bogus"), "No such option: --bogus"),
+    (("frobnicate",), "No such command 'frobnicate'"),
+    (("run", "c.yaml", "--workers", "many"), "Invalid value for '--workers'"),
+    (("store",), "`v2v store` needs a command"),
+    ((), "no command given"),
+])
+def test_usage_mistakes_give_one_line_naming_them_and_exit_2(args: tuple[str, ...], message: str) -> None:
+    proc = v2v(*args)
+    assert proc.returncode == 2, proc
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert "internal error" not in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_plan_run_inspect_and_store_commands(workspace: Path) -> None:
     common = ("--profile", str(workspace / "offline.yaml"), "--store", str(workspace / "store"))
     cat = str(workspace / "catalog.yaml")

@@ -170,7 +170,7 @@ def test_parameter_change_reruns_exactly_the_stage_and_its_descendants(tmp_path:
     assert set(bear.to_run()) == expected
     assert "paste_margin_px=5 (was 15)" in bear.stages["motion"].reason
     before = counts()
-    report, _ = run_catalog(cat, profile=prof, store=store, overrides=over)
+    report, _ = run_catalog(cat, profile=prof, store=store, request=over)
     assert all(j.status == "done" for j in report.jobs)
     # motion and everything fed by it run once per distinct key: shared by the two bear jobs up to generate.
     ran = delta(before)

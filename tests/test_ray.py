@@ -78,7 +78,7 @@ def test_ray_profile_runs_the_demo_catalog_on_two_workers(tmp_path: Path, local_
                                                   "params": TINY})
     assert prof.runner.kind == "ray" and prof.runner.num_cpus == 2
     store = str(tmp_path / "store")
-    report, plans = run_catalog(cat, profile=prof, store=store, overrides={"params": TINY})
+    report, plans = run_catalog(cat, profile=prof, store=store, request={"params": TINY})
     assert report.orchestrator == "prefect"
     assert [j.status for j in report.jobs] == ["done", "done"], [j.error for j in report.jobs]
     # Every stage ran in one of the 2 long-lived Ray workers (never in this process), and workers were
@@ -91,7 +91,7 @@ def test_ray_profile_runs_the_demo_catalog_on_two_workers(tmp_path: Path, local_
     # Same keys and arrays as the local runner.
     ref_store = str(tmp_path / "local")
     local, _ = run_catalog(cat, profile=prof.model_copy(update={"runner": load_profile("local").runner}),
-                           store=ref_store, overrides={"params": TINY}, orchestrator="inline")
+                           store=ref_store, request={"params": TINY}, orchestrator="inline")
     a, b = ArtifactStore(store), ArtifactStore(ref_store)
     for job in ("bear-elephant", "ball-cone"):
         assert a.job(job)["artifacts"] == b.job(job)["artifacts"]
@@ -110,7 +110,7 @@ def test_a_bad_input_on_ray_fails_its_job_with_its_reason(tmp_path: Path, local_
         "out": str(tmp_path / "out"), "params": TINY,
         "backends": {**OFFLINE, "source_masks": "provided"},  # the bear job has a mask for frame 0 only
         "runner": prof.runner.model_copy(update={"dispatch": dispatch})})
-    report, _ = run_catalog(cat, profile=prof, store=str(tmp_path / "store"), overrides={"params": TINY})
+    report, _ = run_catalog(cat, profile=prof, store=str(tmp_path / "store"), request={"params": TINY})
     jobs = {j.job_id: j for j in report.jobs}
     assert jobs["bear-elephant"].status == "failed"
     assert jobs["bear-elephant"].error.startswith("source_masks: source_masks (provided): 1 masks for 4 frames"), \

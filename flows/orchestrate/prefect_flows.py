@@ -12,6 +12,7 @@ Importing this module imports Prefect; the CLI does so only when a run has work 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import time
 from collections.abc import Callable
@@ -29,8 +30,11 @@ from prefect.context import TaskRunContext  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
 from flows.config.profiles import Profile  # noqa: E402
-from flows.plan.planner import JobPlan, StagePlan  # noqa: E402
-from flows.run.engine import RunReport, error_text, run_stage, schedule  # noqa: E402
+from flows.config.request import CatalogArg, RunRequest, SingleVideo  # noqa: E402
+from flows.exports.outputs import OutputsConfig  # noqa: E402
+from flows.plan.planner import StagePlan  # noqa: E402
+from flows.plan.run_plan import prepare_catalog  # noqa: E402
+from flows.run.engine import Reporter, RunReport, error_text, run_stage, schedule  # noqa: E402
 from storage.store import ArtifactStore  # noqa: E402
 from storage.write_behind import store_for  # noqa: E402
 
@@ -184,15 +188,10 @@ def task_runner_for(profile: Profile) -> Any:
     return ThreadPoolTaskRunner(max_workers=r.max_workers + 2)  # see PrefectExecutor.stage_slots
 
 
-# ---- what the CLI hands the flow in-process (plans hold arrays; flow parameters stay small) -------------
+# ---- the flows: parameters in, plan and run inside ------------------------------------------------------
 
-_PREPARED: dict[str, dict[str, Any]] = {}
-
-
-def prepare(plans: list[JobPlan], reporter: Any = None) -> str:
-    token = f"prepared-{time.time_ns()}"
-    _PREPARED[token] = {"plans": plans, "reporter": reporter}
-    return token
+# Progress bars of the `v2v` process that calls the flow (display only; a deployment's run has none).
+_REPORTER: contextvars.ContextVar[Reporter | None] = contextvars.ContextVar("v2v_reporter", default=None)
 
 
 def _summary_artifact(report: RunReport, title: str) -> None:
@@ -206,20 +205,11 @@ def _summary_artifact(report: RunReport, title: str) -> None:
         pass
 
 
-def _body(catalog: str | None, profile: str | None, store: str | None, overrides: dict[str, Any] | None,
-          prepared: str | None, title: str) -> dict[str, Any]:
-    from flows import api as runs
-
+def _body(catalog: CatalogArg | None, profile: str | Profile, store: str | None, request: RunRequest | None,
+          title: str) -> dict[str, Any]:
     start = time.perf_counter()
-    hooks = _PREPARED.pop(prepared, None) if prepared else None
-    if hooks is not None:
-        plans, reporter, start = hooks["plans"], hooks["reporter"], hooks.get("start", start)
-        prof, st, out_root = hooks["profile"], hooks["store"], hooks["out"]
-    else:
-        reporter = None
-        prof, st, plans, out_root = runs.prepare_catalog(catalog, profile, store, overrides or {})
-    report = schedule(plans, PrefectExecutor(st, prof), st, reporter, runs.outputs_config(prof, out_root),
-                      start=start)
+    prof, st, plans, _ = prepare_catalog(catalog, profile, store, request)
+    report = schedule(plans, PrefectExecutor(st, prof), st, _REPORTER.get(), OutputsConfig.of(prof), start=start)
     _summary_artifact(report, title)
     return {"jobs": report.rows(), "wall_seconds": round(report.wall_seconds, 3),
             "compute_seconds": round(report.compute_seconds, 3), "failed": len(report.failed),
@@ -227,30 +217,37 @@ def _body(catalog: str | None, profile: str | None, store: str | None, overrides
 
 
 @flow(name="edit_catalog", log_prints=False, validate_parameters=True)
-def edit_catalog(catalog: str, profile: str = "local", store: str | None = None,
-                 overrides: dict[str, Any] | None = None, prepared: str | None = None) -> dict[str, Any]:
-    """Run every job of a catalog; finished stages are cache hits, new rows run."""
-    return _body(catalog, profile, store, overrides, prepared, f"catalog {Path(catalog).name}")
+def edit_catalog(catalog: CatalogArg, profile: str | Profile = "local", store: str | None = None,
+                 request: RunRequest | None = None) -> dict[str, Any]:
+    """Run every job of a catalog (a file, or an in-memory catalog's entries); finished stages are cache hits,
+    new rows run. The flow plans the catalog itself: its parameters are the whole run."""
+    title = f"catalog {Path(catalog).name}" if isinstance(catalog, str) else "catalog (in memory)"
+    return _body(catalog, profile, store, request, title)
 
 
-@flow(name="edit_video", log_prints=False)
-def edit_video(video: str, prompt: str, profile: str = "local", store: str | None = None,
-               job: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
-               prepared: str | None = None) -> dict[str, Any]:
-    """Edit one clip (``job``: the other catalog fields: first_frame, instruction, masks, ...)."""
-    return _body(None, profile, store, {**(overrides or {}), "_single": {"source": video, "prompt": prompt,
-                                                                          **(job or {})}},
-                 prepared, f"video {Path(video).name}")
+@flow(name="edit_video", log_prints=False, validate_parameters=True)
+def edit_video(video: str, prompt: str, profile: str | Profile = "local", store: str | None = None,
+               request: RunRequest | None = None) -> dict[str, Any]:
+    """Edit one clip; ``request.video`` carries its edit input (first_frame, instruction, masks, ...)."""
+    req = RunRequest.coerce(request)
+    one = req.video or SingleVideo(source=video, prompt=prompt)
+    req = req.model_copy(update={"video": one.model_copy(update={"source": video, "prompt": prompt})})
+    return _body(None, profile, store, req, f"video {Path(video).name}")
 
 
-def run_flow(flow_name: str, params: dict[str, Any], profile: Profile) -> RunReport:
+def run_flow(flow_name: str, params: dict[str, Any], profile: Profile, reporter: Reporter | None = None
+             ) -> RunReport:
     """Call a flow with the profile's task runner inside a managed Prefect session."""
     fl = {"edit_catalog": edit_catalog, "edit_video": edit_video}[flow_name]
     r = profile.runner
-    with prefect_env.prefect_session(), contextlib.ExitStack() as stack:
-        if r.kind == "ray" and r.dispatch == "ray":
-            from flows.orchestrate.ray_dispatch import ray_session
+    token = _REPORTER.set(reporter)
+    try:
+        with prefect_env.prefect_session(), contextlib.ExitStack() as stack:
+            if r.kind == "ray" and r.dispatch == "ray":
+                from flows.orchestrate.ray_dispatch import ray_session
 
-            stack.enter_context(ray_session(profile))
-        result = fl.with_options(task_runner=task_runner_for(profile))(**params)
+                stack.enter_context(ray_session(profile))
+            result = fl.with_options(task_runner=task_runner_for(profile))(**params)
+    finally:
+        _REPORTER.reset(token)
     return result["_report"]

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from flows.exports.outputs import OutputsConfig
 from flows.plan.planner import JobPlan, StagePlan
 from flows.run.execute import execute
 from storage.store import ArtifactStore
@@ -202,15 +203,6 @@ class InlineExecutor:
 
 
 # ---- the scheduler -----------------------------------------------------------------------------------------
-
-@dataclass
-class OutputsConfig:
-    """Where and how finished jobs are exported (see :func:`flows.outputs.job_outputs`)."""
-
-    out_root: str
-    formats: tuple[str, ...] = ("mp4", "gif", "png")
-    restore_source: bool = False
-
 
 def schedule(plans: list[JobPlan], executor: Executor, store: ArtifactStore, reporter: Reporter | None = None,
              outputs: OutputsConfig | None = None, *, start: float | None = None) -> RunReport:
