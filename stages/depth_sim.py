@@ -115,7 +115,7 @@ STAGE = Stage(
     inputs=("depth", "object_masks", "shape_masks"),
     outputs={"simulated_depth": ArraySpec(("frame", "y", "x"), "float16")},
     params=DepthSimParams,
-    backends={"paste": Backend("paste", depth_sim_stage)},
+    backends={"paste": Backend("paste", depth_sim_stage, reads=("mode",))},
     default_backend="paste",
     doc="Depth with the new shape pasted in at the old object's depth (flat plane or with its relief).",
 )

@@ -223,6 +223,10 @@ def _load_bundle(weights: str | None, device: str) -> dict[str, Any]:
     return lm.load_bundle(weights, device)
 
 
+# The warping-error, shape and background metrics' fields (every backend computes those).
+METRICS_READS = ("flow_backend", "occlusion_check", "shape_tracker", "search_px", "appearance_tolerance",
+                 "background_margin_px", "exclude_source_object")
+
 STAGE = Stage(
     name="evaluate",
     version="1",
@@ -231,9 +235,11 @@ STAGE = Stage(
     optional_outputs=LEARNED,
     params=EvaluateParams,
     backends={
-        "metrics": Backend("metrics", _metrics_backend),
-        "clip": Backend("clip", _learned_backend, load=_load_clip, needs_weights=True),
-        "learned": Backend("learned", _learned_backend, load=_load_bundle, needs_weights=True),
+        "metrics": Backend("metrics", _metrics_backend, reads=METRICS_READS),
+        "clip": Backend("clip", _learned_backend, reads=(*METRICS_READS, "prompt", "batch"), load=_load_clip,
+                        needs_weights=True),
+        "learned": Backend("learned", _learned_backend, reads=(*METRICS_READS, "prompt", "batch", "dover_seed"),
+                           load=_load_bundle, needs_weights=True),
     },
     default_backend="metrics",
     doc="Metrics of the edited video: warping error, shape IoU, first-frame and background fidelity "

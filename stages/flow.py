@@ -102,9 +102,10 @@ STAGE = Stage(
     outputs={"flows": ArraySpec(("pair", "y", "x", "component"), "float32")},
     params=FlowParams,
     backends={
-        "dis": Backend("dis", dis_flows),
-        "deepflow": Backend("deepflow", deepflow_flows),
-        "raft": Backend("raft", raft_flows, load=_load_raft, needs_weights=True, gpu=True),
+        "dis": Backend("dis", dis_flows, reads=("dis_preset",)),
+        "deepflow": Backend("deepflow", deepflow_flows, reads=()),
+        "raft": Backend("raft", raft_flows, reads=("raft_iters", "raft_normalise"), load=_load_raft,
+                        needs_weights=True, gpu=True),
     },
     default_backend="dis",
     doc="Backward optical flow: pair t on frame t+1's grid, pointing into frame t (x, y pixels).",

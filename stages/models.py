@@ -176,3 +176,9 @@ def fetch(name: str, cache_dir: Path | None = None, *, force: bool = False) -> P
         raise FetchError(f"model {name!r} cannot be fetched automatically: {spec.how} "
                          f"(put {spec.filename} in {folder})")
     return spec.fetcher(cache_dir, force=force)
+
+
+def fetchable(name: str) -> bool:
+    """Whether ``v2v models fetch NAME`` can bring model ``name`` (only then may a message suggest it)."""
+    spec = MODELS.get(ALIASES.get(name, name))
+    return spec is not None and spec.fetchable

@@ -287,9 +287,11 @@ STAGE = Stage(
     params=RefineParams,
     backends={
         "flow-fill": Backend("flow-fill", flow_fill,
-                             uses=("simulated_depth", "object_masks", "shape_masks", "flows")),
+                             uses=("simulated_depth", "object_masks", "shape_masks", "flows"),
+                             reads=("hole_kernel", "flow_margin", "max_hops", "inpaint_radius")),
         "rfc-net": Backend("rfc-net", rfc_net,
                            uses=("simulated_depth", "object_masks", "shape_masks", "edited_shape"),
+                           reads=("hole_kernel", "window", "window_overlap"),
                            load=_load_rfc, needs_weights=True, gpu=True),
     },
     default_backend="flow-fill",

@@ -181,6 +181,11 @@ def u2net(*, model: Any, params: ShapeMaskParams, edited_frame: np.ndarray, fram
 
 _SALIENCY_USES = ("edited_frame", "frames", "object_masks")
 
+# What each backend reads: the change map's fields, then GrabCut's (change) or the saliency vetting's.
+_CHANGE_MAP_READS = ("change_blur", "change_factor", "change_floor")
+_CHANGE_READS = (*_CHANGE_MAP_READS, "change_band", "grabcut_iters")
+_VETTED_READS = (*_CHANGE_MAP_READS, "threshold", "min_peak", "max_untouched")
+
 STAGE = Stage(
     name="shape_mask",
     version="1",
@@ -188,10 +193,12 @@ STAGE = Stage(
     outputs={"edited_shape": ArraySpec(("y", "x"), "bool")},
     params=ShapeMaskParams,
     backends={
-        "change": Backend("change", change, uses=_SALIENCY_USES),
-        "provided": Backend("provided", provided, uses=("edited_frame", "provided_shape")),
-        "isnet": Backend("isnet", isnet, uses=_SALIENCY_USES, load=_load_isnet, needs_weights=True),
-        "u2net": Backend("u2net", u2net, uses=_SALIENCY_USES, load=_load_u2net, needs_weights=True, gpu=True),
+        "change": Backend("change", change, uses=_SALIENCY_USES, reads=_CHANGE_READS),
+        "provided": Backend("provided", provided, uses=("edited_frame", "provided_shape"), reads=()),
+        "isnet": Backend("isnet", isnet, uses=_SALIENCY_USES, reads=_VETTED_READS, load=_load_isnet,
+                         needs_weights=True),
+        "u2net": Backend("u2net", u2net, uses=_SALIENCY_USES, reads=_VETTED_READS, load=_load_u2net,
+                         needs_weights=True, gpu=True),
     },
     default_backend="change",
     doc="The new object's mask in the edited first frame (empty for a removal).",

@@ -134,6 +134,29 @@ def _backend_choice(stage: Stage, job: Job, profile: Profile, cli_backends: Mapp
     return job.stage_backends().get(stage.name) or profile.backends.get(stage.name) or "auto"
 
 
+def _checked_weights(stage: Stage, backend: str, profile: Profile) -> str | None:
+    """The backend's weights path, checked before any compute (present, and in its published layout)."""
+    be = stage.backend(backend)
+    weights = profile.weights_for(backend) if be.needs_weights or be.load else None
+    if be.needs_weights and not weights:
+        from stages.models import fetchable
+
+        how = f"`v2v models fetch {backend}`, " if fetchable(backend) else ""
+        raise StageInputError(f"stage {stage.name!r}: backend {backend!r} needs weights: set weights.{backend} in "
+                              f"the profile or --weights {backend}=PATH ({how}or choose another backend)")
+    if weights and not os.path.exists(weights):
+        raise StageInputError(f"stage {stage.name!r}: weights for {backend!r} not found: {weights}")
+    if weights:
+        from stages.models import check_weights
+
+        problems = check_weights(stage.name, backend, weights)
+        if problems:
+            raise StageInputError(f"stage {stage.name!r}: weights for {backend!r} at {weights} are incomplete or "
+                                  f"not the published layout: {'; '.join(problems[:3])}"
+                                  + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""))
+    return weights
+
+
 # ---- why a stage must run --------------------------------------------------------------------------------
 
 def _why(store: ArtifactStore, stage: Stage, call: StageCall, previous: Mapping[str, str]) -> list[cz.Cause]:
@@ -207,12 +230,7 @@ def _plan_stages(plan: JobPlan, job: Job, profile: Profile, store: ArtifactStore
             plan.stages[name] = StagePlan(name, "skip", _skip_causes(missing, stages, plan))
             continue
         be = stage.backend(chosen)
-        weights = profile.weights_for(chosen) if be.needs_weights or be.load else None
-        if be.needs_weights and not weights:
-            raise StageInputError(f"stage {name!r}: backend {chosen!r} needs weights; set weights.{chosen} in the "
-                                  f"profile (or `v2v models fetch {chosen}`), or choose another backend")
-        if weights and not os.path.exists(weights):
-            raise StageInputError(f"stage {name!r}: weights for {chosen!r} not found: {weights}")
+        weights = _checked_weights(stage, chosen, profile)
         overrides, explicit = _param_layers(stage, job, profile, cli_params)
         for f, leader in stage.params.follows.items():  # e.g. the canvas: ingest's, for every stage
             if leader == name or leader not in resolved or f not in resolved[leader]:
