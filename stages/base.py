@@ -131,6 +131,9 @@ class Backend:
     needs_weights: bool = False
     gpu: bool = False
     reads: tuple[str, ...] | None = None
+    # The backend's own code version (its code outside the stage module: a network runner in stages/nets/),
+    # bumped when what it computes changes; it enters the key after the stage's version.
+    version: str = ""
 
     def __post_init__(self) -> None:
         if self.uses is None:
@@ -175,6 +178,12 @@ class Stage:
     def used_inputs(self, backend: str | None) -> tuple[str, ...]:
         uses = self.backend(backend).uses
         return self.inputs if uses is None else uses
+
+    def code_version(self, backend: str | None) -> str:
+        """The version an artifact of this backend records and its key covers: the stage's, then the
+        backend's own when it has one (``1`` or ``1.2``)."""
+        own = self.backend(backend).version
+        return f"{self.version}.{own}" if own else self.version
 
     def read_fields(self, backend: str | None) -> tuple[str, ...]:
         """The parameter fields the backend reads (in the params model's order)."""

@@ -33,6 +33,12 @@ class SourceMaskParams(Params):
     track_colour_weight: float = Field(0.6, ge=0, description="weight of the colour log-likelihood ratio")
     track_colour_ring: int = Field(40, ge=4, description="px around the object giving the background colours")
     track_smooth_radius: int = Field(4, ge=0, description="edge-aware (guided filter) smoothing radius, px")
+    track_register: bool = Field(
+        True, description="also move the mask rigidly by where the object's colours went (masked template "
+                          "match) and keep that where it explains the frame better than the optical flow: flow "
+                          "collapses inside objects without texture")
+    track_search_px: int = Field(24, ge=1, le=256, description="register: search radius around the "
+                                                               "constant-velocity guess, px")
 
 
 # ---- checks -----------------------------------------------------------------------------------------

@@ -70,5 +70,5 @@ def make_call(stage: Stage | str, *, params: Mapping[str, Any] | None = None, ba
         for n in used}
     wdigest = weights_digest(weights) if (be.needs_weights or weights) else ""
     call = StageCall(st.name, be.name, resolved, srcs, weights if be.load else None, wdigest)
-    key = artifact_key(st.name, st.version, read, be.name, wdigest, call.input_keys())
+    key = artifact_key(st.name, st.code_version(be.name), read, be.name, wdigest, call.input_keys())
     return StageCall(st.name, be.name, resolved, srcs, call.weights, wdigest, key, read)

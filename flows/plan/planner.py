@@ -169,8 +169,8 @@ def _why(store: ArtifactStore, stage: Stage, call: StageCall, previous: Mapping[
         old = store.attrs(ArtifactRef(stage.name, prev_key))
     except Exception:  # gone, unreadable or damaged: it cannot tell what changed
         return [cz.PreviousGone()]
-    return cz.diff_causes(old, version=stage.version, backend=call.backend, weights_digest=call.weights_digest,
-                          params=call.key_params, inputs=call.input_keys())
+    return cz.diff_causes(old, version=stage.code_version(call.backend), backend=call.backend,
+                          weights_digest=call.weights_digest, params=call.key_params, inputs=call.input_keys())
 
 
 # ---- planning -------------------------------------------------------------------------------------------

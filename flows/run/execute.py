@@ -74,7 +74,7 @@ def execute(
         seconds = time.perf_counter() - start
     COMPUTE_COUNT[call.stage] = COMPUTE_COUNT.get(call.stage, 0) + 1
     attrs: dict[str, Any] = {
-        "version": stage.version,
+        "version": stage.code_version(call.backend),
         "params": dict(call.key_params),  # what the key covers; unread fields did not shape this artifact
         "backend": call.backend,
         "weights_digest": call.weights_digest,
