@@ -23,11 +23,14 @@ demo: $(STAMP)
 	$(BIN)/v2v demo
 
 test: $(STAMP)
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/ruff check .
 	$(BIN)/v2v models fetch isnet || echo "warning: IS-Net weights unavailable; tests that need them will skip"
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) v2v-store out
