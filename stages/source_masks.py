@@ -143,6 +143,80 @@ def _misfit(source: np.ndarray, flow: np.ndarray, target: np.ndarray, region: np
     return float(np.abs(warped[region] - target[region].astype(np.float32)).mean())
 
 
+def _ccorr(image: np.ndarray, templ: np.ndarray) -> np.ndarray:
+    return cv2.matchTemplate(np.ascontiguousarray(image, np.float32), np.ascontiguousarray(templ, np.float32),
+                             cv2.TM_CCORR)
+
+
+def _parabola(c_minus: float, c0: float, c_plus: float) -> float:
+    """Offset (-0.5..0.5) of the vertex of the parabola through three costs around a minimum."""
+    den = c_minus - 2 * c0 + c_plus
+    if not np.isfinite(den) or den <= 0:
+        return 0.0
+    return float(np.clip(0.5 * (c_minus - c_plus) / den, -0.5, 0.5))
+
+
+def register_object(prev: np.ndarray, mask: np.ndarray, frame: np.ndarray, guess: np.ndarray,
+                    search_px: int, min_visible: float = 0.5) -> np.ndarray | None:
+    """Forward displacement (x, y) of the object (``prev`` inside ``mask``) into ``frame``, sub-pixel.
+
+    Masked sum of squared colour differences over every shift within ``search_px`` of ``guess``, averaged
+    over the template pixels inside the frame (an object may leave the view); a parabola through the
+    minimum and its neighbours gives the fraction. Unlike optical flow it needs no texture inside the object:
+    a flat-coloured disc over texture has one sharp minimum, set by its boundary. None when the mask is
+    empty or no shift keeps ``min_visible`` of the object in view.
+    """
+    if not mask.any():
+        return None
+    ys, xs = np.nonzero(mask)
+    y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+    th, tw = y1 - y0, x1 - x0
+    h, w = mask.shape
+    gy, gx = y0 + int(round(float(guess[1]))), x0 + int(round(float(guess[0])))  # guessed top-left
+    sy, ey = max(gy - search_px, -th + 1), min(gy + search_px, h - 1)
+    sx, ex = max(gx - search_px, -tw + 1), min(gx + search_px, w - 1)
+    if sy > ey or sx > ex:
+        return None
+    pad = ((th, th), (tw, tw), (0, 0))
+    img = np.pad(frame.astype(np.float32), pad)[sy + th:ey + 2 * th, sx + tw:ex + 2 * tw]
+    valid = np.pad(np.ones((h, w), np.float32), pad[:2])[sy + th:ey + 2 * th, sx + tw:ex + 2 * tw]
+    m = mask[y0:y1, x0:x1].astype(np.float32)
+    t = prev[y0:y1, x0:x1].astype(np.float32) * m[..., None]
+    visible = _ccorr(valid, m)
+    sq = (_ccorr((img * img).sum(-1) * valid, m) - 2 * _ccorr(img * valid[..., None], t)
+          + _ccorr(valid, (t * t).sum(-1)))
+    ok = visible >= min_visible * m.sum()
+    if not ok.any():
+        return None
+    cost = np.where(ok, np.maximum(sq, 0) / np.maximum(visible, 1.0), np.inf)
+    # Among equal costs (an object as flat as its surroundings) prefer the smallest change of velocity.
+    yy, xx = np.mgrid[sy:ey + 1, sx:ex + 1]
+    cost = cost + 1e-6 * ((yy - gy) ** 2 + (xx - gx) ** 2)
+    iy, ix = np.unravel_index(int(np.argmin(cost)), cost.shape)
+    fy = _parabola(cost[iy - 1, ix], cost[iy, ix], cost[iy + 1, ix]) if 0 < iy < cost.shape[0] - 1 else 0.0
+    fx = _parabola(cost[iy, ix - 1], cost[iy, ix], cost[iy, ix + 1]) if 0 < ix < cost.shape[1] - 1 else 0.0
+    return np.array([sx + ix + fx - x0, sy + iy + fy - y0], np.float64)
+
+
+def _best_motion(colour: list[np.ndarray], masks: np.ndarray, s: int, t: int, flow: np.ndarray,
+                 guess: np.ndarray, search_px: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Mask s carried onto frame t: by ``flow`` (backward, t -> s) or rigidly by the object's registered
+    displacement, whichever explains frame t better around the object. Returns the warped mask (float),
+    the flow that carried it and the registered displacement (None if registration found nothing)."""
+    by_flow = warp_backward(masks[s], flow)
+    d = register_object(colour[s], masks[s], colour[t], guess, search_px)
+    if d is None:
+        return by_flow, flow, None
+    h, w = masks.shape[1:]
+    rigid = warp_backward(masks[s], np.broadcast_to(-d.astype(np.float32), (h, w, 2)), cv2.BORDER_CONSTANT)
+    region = cv2.dilate(((rigid > 0.5) | (by_flow > 0.5)).astype(np.uint8), _disk(3)) > 0
+    rigid_flow = flow.copy()
+    rigid_flow[cv2.dilate((rigid > 0.5).astype(np.uint8), _disk(2)) > 0] = -d
+    if _misfit(colour[s], rigid_flow, colour[t], region) < _misfit(colour[s], flow, colour[t], region):
+        return rigid, rigid_flow, d
+    return by_flow, flow, d
+
+
 def track_masks(frames: np.ndarray, mask0: np.ndarray, flows: np.ndarray,
                 params: SourceMaskParams | None = None) -> np.ndarray:
     """Carry ``mask0`` through the clip with ``flows`` and re-fit it to every frame.
@@ -174,16 +248,28 @@ def track_masks(frames: np.ndarray, mask0: np.ndarray, flows: np.ndarray,
     colours = colour_model(frames[0], mask0, p.track_colour_ring)
     dis = dis_engine("medium")
     grey = [cv2.cvtColor(np.ascontiguousarray(f), cv2.COLOR_RGB2GRAY) for f in frames]
+    colour = [f.astype(np.float32) for f in frames] if p.track_register else []
+    # Registered displacement of the object from frame t-1 to t, summed from frame 0 (x, y).
+    path = np.zeros((n, 2), np.float64)
+    velocity = np.zeros(2, np.float64)
     for t in range(1, n):
-        prior = warp_backward(masks[t - 1], flows[t - 1])
+        prior, prior_flow = warp_backward(masks[t - 1], flows[t - 1]), flows[t - 1]
+        if p.track_register:
+            prior, prior_flow, d = _best_motion(colour, masks, t - 1, t, flows[t - 1], velocity,
+                                                p.track_search_px)
+            velocity = velocity if d is None else d
+        path[t] = path[t - 1] + velocity
         a = max(0, t - p.track_anchor_gap)
         if a < t - 1 and masks[a].any():
             direct_flow = dis.calc(grey[t], grey[a], None)
             direct = warp_backward(masks[a], direct_flow)
+            if p.track_register:
+                direct, direct_flow, _ = _best_motion(colour, masks, a, t, direct_flow, path[t] - path[a],
+                                                      p.track_search_px)
             if iou(prior > 0.5, direct > 0.5) >= p.track_anchor_agree:
                 prior = 0.5 * prior + 0.5 * direct
             elif (_misfit(grey[a], direct_flow, grey[t], direct > 0.5)
-                  < _misfit(grey[t - 1], flows[t - 1], grey[t], prior > 0.5)):
+                  < _misfit(grey[t - 1], prior_flow, grey[t], prior > 0.5)):
                 prior = direct
         prior_mask = prior > 0.5
         if not prior_mask.any():

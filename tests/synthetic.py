@@ -23,7 +23,9 @@ import numpy as np
 Shape = Literal["disc", "square", "ellipse", "star"]
 SHAPES: tuple[Shape, ...] = ("disc", "square", "ellipse", "star")
 
-OBJECT_COLOUR = (200, 40, 40)
+# Flat objects: a colour whose grey level is the textured background's mean, so the grey images optical flow
+# sees have little contrast at the boundary (DIS then averages ~2 px inside a disc moving 10 px per frame).
+OBJECT_COLOUR = (150, 120, 100)
 NEW_COLOUR = (40, 170, 60)
 SHADOW_DARKEN = 0.45  # the shadow keeps 45 % of the light
 

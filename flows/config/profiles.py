@@ -36,6 +36,11 @@ class RunnerConfig(BaseModel):
     num_gpus: int | None = Field(None, ge=0, description="ray: GPUs of the local Ray (None = detect)")
     cpus_per_task: float = Field(1.0, gt=0, description="ray: CPUs each stage task reserves")
     gpus_per_task: float = Field(1.0, gt=0, description="ray: GPUs a GPU stage reserves (when device is cuda)")
+    prefect_tasks: Literal["auto", "stage", "job"] = Field(
+        "auto", description="what one Prefect task run is: 'stage' (every stage call: the finest view in the UI, "
+                            "~20 ms each), 'job' (a job's stages, or jobs sharing a source, run inside one task: "
+                            "for large catalogs), 'auto': 'job' from `job_tasks_from` jobs on (local runner)")
+    job_tasks_from: int = Field(50, ge=1, description="auto: catalogs with at least this many jobs use job tasks")
     dispatch: Literal["ray", "prefect-ray"] = Field(
         "ray", description="ray: Prefect tasks in this process send each stage's body to Ray as a plain task; "
                            "prefect-ray: prefect-ray's RayTaskRunner runs whole Prefect tasks in the workers "

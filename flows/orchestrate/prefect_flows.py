@@ -32,6 +32,7 @@ from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 from flows.config.profiles import Profile  # noqa: E402
 from flows.config.request import CatalogArg, RunRequest, SingleVideo  # noqa: E402
 from flows.exports.outputs import OutputsConfig  # noqa: E402
+from flows.orchestrate.job_tasks import run_job_tasks, use_job_tasks  # noqa: E402
 from flows.plan.planner import StagePlan  # noqa: E402
 from flows.plan.run_plan import prepare_catalog  # noqa: E402
 from flows.run.engine import Reporter, RunReport, error_text, run_stage, schedule  # noqa: E402
@@ -209,7 +210,12 @@ def _body(catalog: CatalogArg | None, profile: str | Profile, store: str | None,
           title: str) -> dict[str, Any]:
     start = time.perf_counter()
     prof, st, plans, _ = prepare_catalog(catalog, profile, store, request)
-    report = schedule(plans, PrefectExecutor(st, prof), st, _REPORTER.get(), OutputsConfig.of(prof), start=start)
+    if use_job_tasks(plans, prof.runner):
+        report = run_job_tasks(plans, st, prof.device, prof.runner.max_workers, _REPORTER.get(),
+                               OutputsConfig.of(prof), start)
+    else:
+        report = schedule(plans, PrefectExecutor(st, prof), st, _REPORTER.get(), OutputsConfig.of(prof),
+                          start=start)
     _summary_artifact(report, title)
     return {"jobs": report.rows(), "wall_seconds": round(report.wall_seconds, 3),
             "compute_seconds": round(report.compute_seconds, 3), "failed": len(report.failed),
