@@ -84,6 +84,11 @@ def _server_class() -> Any:
 _SERVER: Any = None
 
 
+def server_env() -> dict[str, str]:
+    """Settings for a Prefect server that v2v starts (the task-run recorder's batching)."""
+    return dict(_RECORDER_BATCHING)
+
+
 def server_url() -> str | None:
     return _SERVER.api_url if _SERVER is not None and _SERVER.running else None
 
@@ -100,6 +105,23 @@ def prefect_session(verbose: bool = False) -> Iterator[str]:
     url = PREFECT_API_URL.value()
     if url:  # a real server: nothing to start or stop
         yield url
+        return
+    from flows.orchestrate.prefect_server import running_server
+
+    shared = running_server()
+    if shared:  # `v2v server` is running on this machine: use it, start nothing
+        old = os.environ.get("PREFECT_API_URL")
+        os.environ["PREFECT_API_URL"] = shared  # inherited by Ray workers started from here
+        try:
+            with temporary_settings(updates={PREFECT_API_URL: shared}), \
+                    prefect.context._temporary_global_settings_context(prefect.context.get_settings_context()):
+                yield shared
+                drain()
+        finally:
+            if old is None:
+                os.environ.pop("PREFECT_API_URL", None)
+            else:
+                os.environ["PREFECT_API_URL"] = old
         return
     owned = False
     if _SERVER is None or not _SERVER.running:
