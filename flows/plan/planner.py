@@ -227,6 +227,7 @@ def _plan_stages(plan: JobPlan, job: Job, profile: Profile, store: ArtifactStore
                 chosen = cand
                 break
         if chosen is None:
+            stage.resolve_params(_param_layers(stage, job, profile, cli_params)[0])  # a bad value is still bad
             plan.stages[name] = StagePlan(name, "skip", _skip_causes(missing, stages, plan))
             continue
         be = stage.backend(chosen)
