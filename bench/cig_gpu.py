@@ -8,7 +8,15 @@ estimated from their configs so the effect of ``cpu_offload`` (encoders off the 
 
 Run:  python bench/cig_gpu.py [--frames 16 --size 512 --steps 3] [--reference-attn]
       python bench/cig_gpu.py --tiny      # CPU: construct tiny models and run one step (no figures)
+      python bench/cig_gpu.py --e2e --parity   # the issue-14 GPU rows, see below
 Without a CUDA GPU (and without --tiny) it prints a message and exits 0.
+
+``--e2e``: one whole video through ``cig_generate`` (text + CLIP image encoders, VAE encode, 50 DDIM steps,
+decode) at 16 x 512^2 with the stage's defaults (bf16, CFG 9, ControlNet micro-batch 8, decode chunk 4), all
+networks at full size with random weights and a byte-level stand-in tokenizer: seconds per video (a warm
+second run) and peak GPU memory. ``--parity``: the reference parity fixture (``tests/data/cig-pipeline``)
+through ``Stage.run`` on the GPU in fp32 (TF32 off), bf16 and fp16: max differences of the per-step latents
+and of the frames against the reference's float32 run, to state the bf16/fp16 tolerances from.
 
 Measured once on an NVIDIA H200 (torch 2.11, diffusers 0.42.1, 3 timed steps per row): 0.37 s/step and
 8.4 GB peak with everything batched, 7.6 GB with ``split_cfg`` (0.41 s/step); +2.2 GB if the encoders stay
@@ -136,6 +144,93 @@ def measure(fn, cuda: bool) -> tuple[float, float, float]:
     return secs, torch.cuda.max_memory_allocated() / 1e9, torch.cuda.max_memory_reserved() / 1e9
 
 
+def build_e2e(device: str, tiny: bool):
+    """``build`` plus the encoders, tokenizers (byte-level stand-ins) and CLIP image processor."""
+    import torch
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTokenizer,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    cig = build(device, dtype, tiny)
+    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]  # GPT-2 byte alphabet, no merges (offline)
+    extra = iter(range(256, 512))
+    chars = [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{c + s: 0 for s in ("", "</w>") for c in chars}}
+    vocab = {k: i for i, k in enumerate(vocab)}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    ids = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    tiny_text = dict(vocab_size=514, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+    text_h = dict(tiny_text, hidden_size=32) if tiny else TEXT_H
+    text_l = dict(tiny_text, hidden_size=24) if tiny else TEXT_L
+    vision = (dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                   patch_size=8, projection_dim=32) if tiny else VISION_H)
+    with torch.device(device):
+        cig.text_encoder = CLIPTextModel(CLIPTextConfig(**text_h, **ids)).to(dtype).eval()
+        cig.cn_text_encoder = CLIPTextModel(CLIPTextConfig(**text_l, **ids)).to(dtype).eval()
+        cig.image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision)).to(dtype).eval()
+    cig.tokenizer = cig.cn_tokenizer = tokenizer
+    side = vision["image_size"]
+    cig.feature_extractor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    return cig
+
+
+def end_to_end(args, cuda: bool) -> None:
+    import numpy as np
+
+    from stages.generate import GenerateParams
+    from stages.nets.cig import cig_generate
+
+    frames, size, steps = (4, 64, 2) if args.tiny else (args.frames, args.size, 50)
+    cig = build_e2e("cuda" if cuda else "cpu", args.tiny)
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    depth = np.repeat(np.linspace(0, 1, size, dtype=np.float16)[None, :, None], frames, 0).repeat(size, 2)
+    params = GenerateParams(prompt="an elephant walking on the rocks in a zoo", steps=steps, window=frames,
+                            overlap=min(4, frames - 1), dtype="bf16" if cuda else "fp32")
+    rows = []
+    for run in ("first (kernel selection)", "second"):
+        secs, alloc, reserved = measure(lambda: cig_generate(cig, frame, depth, params), cuda)
+        rows.append((run, secs, alloc, reserved))
+    print(f"\nend to end: cig_generate, {frames} frames x {size}^2, {steps} DDIM steps, {params.dtype}, CFG 9, "
+          f"ControlNet micro-batch {params.controlnet_batch}, decode chunk {params.decode_chunk}, no offload")
+    print(f"{'run':28s} {'s/video':>8s} {'peak GB':>8s} {'reserved':>9s}")
+    for run, secs, alloc, reserved in rows:
+        print(f"{run:28s} {secs:8.1f} {alloc:8.2f} {reserved:9.2f}")
+
+
+def parity(args, cuda: bool) -> None:
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from test_cig_pipeline_parity import DATA, PARAMS, fixture_inputs
+
+    from stages.generate import STAGE
+    from stages.nets import cig as cig_mod
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    device = "cuda" if cuda else "cpu"
+    with np.load(DATA / "reference.npz") as ref:
+        expected = {k: ref[k] for k in ref.files}
+    print(f"\nparity with the reference (tests/data/cig-pipeline, float32 reference run) on {device}")
+    print(f"{'dtype':6s} {'lat0':>9s} {'lat1':>9s} {'lat2':>9s} {'frames max':>10s} {'mean':>7s} {'% differ':>9s}")
+    for dtype in (("fp32",) if args.tiny else ("fp32", "bf16", "fp16")):
+        with cig_mod.recording() as rec:
+            video = STAGE.run(fixture_inputs(), {**PARAMS, "dtype": dtype}, backend="i2vgenxl",
+                              weights=str(DATA), device=device)["video"]
+        lat = [float(np.abs(rec["latents"][k] - expected[f"step{k}_latents"]).max()) for k in range(3)]
+        diff = np.abs(video.astype(np.int16) - expected["frames_uint8"])
+        print(f"{dtype:6s} {lat[0]:9.2e} {lat[1]:9.2e} {lat[2]:9.2e} {int(diff.max()):10d} "
+              f"{diff.mean():7.3f} {100 * (diff > 0).mean():9.3f}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny models on the CPU: construction check only")
@@ -144,6 +239,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3, help="timed denoising steps per row (after 1 warm-up)")
     ap.add_argument("--reference-attn", action="store_true",
                     help="add a row with materialised attention (what torch 1.13 gave the reference)")
+    ap.add_argument("--e2e", action="store_true", help="one whole video through cig_generate (50 steps)")
+    ap.add_argument("--parity", action="store_true", help="the reference fixture in fp32/bf16/fp16")
     args = ap.parse_args()
     import torch
     from diffusers.utils import logging as diffusers_logging
@@ -152,6 +249,14 @@ def main() -> int:
     cuda = torch.cuda.is_available() and not args.tiny
     if not cuda and not args.tiny:
         print("cig_gpu: no CUDA GPU here, nothing to measure (use --tiny to check construction on the CPU)")
+        return 0
+    if args.e2e or args.parity:
+        name = torch.cuda.get_device_name(0) if cuda else "cpu (tiny models)"
+        print(f"device: {name}; torch {torch.__version__}")
+        if args.e2e:
+            end_to_end(args, cuda)
+        if args.parity:
+            parity(args, cuda)
         return 0
     from stages.nets.cig import StepOptions, _decode, denoise
 

@@ -15,7 +15,10 @@ and runs RAFT and the saliency backends on all frames instead of 2 pairs / the l
 (cuDNN autotuning, kernel loading) with its peak GPU memory; it adds the DPT depth (DPT-Large, random
 weights unless ``--dpt FOLDER``) and the RFC-Net refinement (parity fill rule unless ``--rfc PATH``).
 
-Run: .venv/bin/python bench/isa.py [--frames 16] [--slow] [--raft PATH] [--u2net PATH] [--threads N]
+The depth ``dpt`` backend also runs on the reference's MiDaS ``dpt_swin2_large_384.pt`` (``--midas PATH``, else
+the parity fill: same cost; ~1 GB written to a temporary folder), on 2 frames unless ``--slow``.
+
+Run: .venv/bin/python bench/isa.py [--frames 16] [--slow] [--raft PATH] [--u2net PATH] [--midas PATH] [--threads N]
      python bench/isa.py --device cuda [--dpt FOLDER] [--rfc PATH]
 """
 
@@ -35,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from stages import available_stages  # noqa: E402
+from stages.base import MissingWeightsError  # noqa: E402
 from stages.flow import warp_backward  # noqa: E402
 from stages.ingest import IngestParams, canvas_geometry, read_source, warp_to_canvas  # noqa: E402
 from stages.models import find_weights  # noqa: E402
@@ -118,6 +122,27 @@ def random_dpt(folder: Path) -> str:
     return str(folder / "dpt-large")
 
 
+def random_midas(folder: Path) -> str:
+    """A ``dpt_swin2_large_384.pt`` with the real keys, filled by the parity rule (masks as constructed)."""
+    import torch
+
+    from stages.nets.fill import fill_from_keys
+    from stages.nets.midas import GRIDS, MASKED, SIGNATURE, shifted_window_mask
+
+    state = fill_from_keys(SIGNATURE)
+    for key, grid in zip(MASKED, GRIDS, strict=False):
+        state[key] = torch.from_numpy(shifted_window_mask(grid))
+    torch.save(state, folder / "dpt_swin2_large_384.pt")
+    return str(folder / "dpt_swin2_large_384.pt")
+
+
+def cached_midas() -> str | None:
+    try:
+        return str(find_weights("midas") or "") or None
+    except MissingWeightsError:  # no such entry in this checkout's model registry
+        return None
+
+
 def per_frame_iou(masks: np.ndarray, refs: np.ndarray) -> list[float]:
     return [iou(m, r) for m, r in zip(masks, refs, strict=True)]
 
@@ -133,6 +158,8 @@ def main() -> None:
     ap.add_argument("--learned", action="store_true", help="every learned backend (DPT and RFC-Net too) on every "
                     "frame, after a warm-up call (implied by --device cuda)")
     ap.add_argument("--dpt", help="a DPT / Depth Anything folder (with --learned; default: random DPT-Large)")
+    ap.add_argument("--midas", help="MiDaS dpt_swin2_large_384.pt for the dpt depth backend (default: the "
+                    "weights cache, else the parity fill: timing only); 2 frames unless --slow")
     ap.add_argument("--rfc", help="the RFC-Net depth refinement checkpoint (with --learned; default: random)")
     args = ap.parse_args()
     global DEVICE, LEARNED
@@ -217,6 +244,10 @@ def main() -> None:
     if LEARNED:
         dpt_w = args.dpt or random_dpt(tmp)
         timed("depth", "dpt", a, n, "" if args.dpt else "random DPT-Large: timing only", weights=dpt_w)
+    midas_w = args.midas or cached_midas()
+    sub = {"frames": a["frames"] if args.slow else a["frames"][:2]}
+    timed("depth", "dpt", sub, len(sub["frames"]), "MiDaS dpt_swin2_large_384.pt, reference input 384²"
+          + ("" if midas_w else ", random fill: timing only"), weights=midas_w or random_midas(tmp))
 
     # edited shape (the elephant edit)
     a["edited_frame"] = cv2.cvtColor(cv2.imread(str(BEAR / "edited-first-frame-elephant.png")),

@@ -51,7 +51,7 @@ def per_task_seconds(n: int = 100) -> dict[str, float]:
     from prefect_ray import RayTaskRunner
 
     from flows.orchestrate import ray_dispatch
-    from flows.run.engine import limit_threads  # a no-op with None, importable by workers (as run_stage is)
+    from flows.run.executors import limit_threads  # a no-op with None, importable by workers (as run_stage is)
 
     @task
     def noop(i: int) -> int:

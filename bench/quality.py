@@ -1,20 +1,23 @@
-"""Quality of the weight-free pipeline on the bear fixture (bear -> elephant, a shape-changing edit).
+"""Quality of the weight-free pipeline, before and after issue 15, on the synthetic family, the demo's
+ball -> cone clip (exact truth) and the bear fixture (bear -> elephant, a shape-changing edit).
 
-Every metric of the ``evaluate`` stage for the ``propagate`` generator against naive baselines that skip
-the shape aligner, printed as a table:
+* Synthetic family (``tests/synthetic.py``, see ``bench/masks.py`` for the per-clip table): the summary of
+  shape-follow IoU (the new shape against the true new shape, last frame) and source-mask tracking.
+* Ball -> cone (``flows.config.demo_clip`` on the demo's 512² canvas, truth drawn with the clip): per frame
+  t >= 1, the error against the true background (floor) where the ball, its shadow and the cone were at frame
+  0 but nothing is now ("ghost"), on the ball's own shadow and body outside the new cone ("remnant"), the
+  IoU of the new shape with the true cone, and the untouched-background PSNR (output against source, away
+  from everything the edit may touch; on the canvas: mapping it back to the source's resolution is export's).
+* Bear: every metric of the ``evaluate`` stage for the ``propagate`` generator, before and after, against
+  naive baselines that skip the shape aligner (``repeat-first-frame``: the edited first frame repeated;
+  ``paste-in-source-shape``: the edited pixels through the source object's silhouette, moved with it;
+  ``paste-static``: the edited object pasted at its frame-0 place), plus the same untouched-background PSNR.
 
-* ``repeat-first-frame``: the edited first frame, repeated (no motion at all);
-* ``paste-in-source-shape``: the edited frame's pixels shown through the *source* object's silhouette,
-  moved with it (the new object forced into the old shape: what a generator conditioned on the source
-  masks/depth gets without shape alignment);
-* ``paste-static``: the edited object (inside S_0) pasted onto every source frame at its frame-0 place.
+"Before" runs ``source_masks``' track, ``motion`` and ``propagate`` as they were at ``bench.masks.BEFORE_REV``
+(loaded from git); every other stage is today's. With ``--weights DIR`` (``clip/``, ``dover.onnx``,
+``i3d_torchscript.pt``; see stages/nets/eval_models.py) the learned metrics are added for the bear.
 
-The stages run through their ``STAGE.run`` (ingest, flow, source_masks, depth, edit with the fixture's
-edited frame as ``provided``, shape_mask, motion, generate). With ``--weights DIR`` (a folder with
-``clip/``, ``dover.onnx``, ``i3d_torchscript.pt``; see stages/nets/eval_models.py) the learned metrics
-are added.
-
-Run: .venv/bin/python bench/quality.py [--frames 16] [--size 512] [--weights DIR]
+Run: .venv/bin/python bench/quality.py [--frames 16] [--size 512] [--weights DIR] [--skip-family]
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import cv2
 import numpy as np
@@ -30,37 +35,146 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stages import get_stage  # noqa: E402
+from bench.masks import before, family_figures, print_family  # noqa: E402
+from flows.config import demo_clip  # noqa: E402
+from stages import get_stage, metrics  # noqa: E402
+from stages.generate import GenerateParams  # noqa: E402
 from stages.ingest import IngestParams, read_source  # noqa: E402
 
 BEAR = ROOT / "tests" / "data" / "bear"
 PROMPT = "an elephant walking on the rocks in a zoo"
 
 
-def run(stage: str, arrays: dict[str, np.ndarray], timings: dict[str, float], **kw: object
-        ) -> dict[str, np.ndarray]:
-    start = time.perf_counter()
-    out = get_stage(stage).run(arrays, **kw)  # type: ignore[arg-type]
-    timings[stage] = time.perf_counter() - start
-    return out
+class Before:
+    """The three stages as they were before issue 15, called like ``Stage.run``."""
+
+    def __init__(self) -> None:
+        self.sm, self.motion, self.prop = before("source_masks"), before("motion"), before("propagate")
+        fields = GenerateParams().model_dump()
+        for new in ("match_fill_tone", "shadow_px", "shadow_level"):
+            fields.pop(new)
+        self.params = SimpleNamespace(**fields, carry_edit_tone=True)  # the defaults of then
+
+    def source_masks(self, a: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"object_masks": self.sm.track_masks(a["frames"], a["provided_masks"][0].astype(bool), a["flows"])}
+
+    def motion_(self, a: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        r = self.motion.simulate_motion(a["object_masks"], a["flows"], a["edited_shape"])
+        return {"shape_masks": r.shape_masks, "paste_masks": r.paste_masks, "simulated_flows": r.simulated_flows}
+
+    def generate(self, a: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = ("frames", "flows", "object_masks", "depth", "edited_frame", "shape_masks", "simulated_flows")
+        return {"video": self.prop.propagate_video(params=self.params, **{k: a[k] for k in names})}
 
 
-def pipeline(n_frames: int, size: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Source arrays, motion and the propagate output; the seconds of each stage."""
+def aligner(a: dict[str, np.ndarray], old: Before | None, timings: dict[str, float]) -> dict[str, np.ndarray]:
+    """flow (if missing), source_masks track, depth, shape_mask change, motion, generate propagate."""
+    a = dict(a)
+
+    def run(stage: str, fn: Any = None, **kw: Any) -> None:
+        start = time.perf_counter()
+        a.update(fn(a) if fn is not None else get_stage(stage).run(a, **kw))
+        timings[stage] = time.perf_counter() - start
+
+    if "flows" not in a:
+        run("flow")
+    run("source_masks", old.source_masks if old else None, backend="track")
+    run("depth", backend="ground-prior")
+    run("shape_mask", backend="change")
+    run("motion", old.motion_ if old else None)
+    run("generate", old.generate if old else None, backend="propagate", params={"prompt": PROMPT})
+    return a
+
+
+def untouched_psnr(video: np.ndarray, frames: np.ndarray, touched: np.ndarray) -> float:
+    """Mean over frames 1.. of the PSNR of the output against the source outside ``touched``."""
+    return float(np.mean([metrics.psnr(video[t], frames[t], ~touched[t]) for t in range(1, len(video))]))
+
+
+# ---- ball -> cone ------------------------------------------------------------------------------------
+
+def ball_cone_truth(n: int, size: int = 512) -> dict[str, np.ndarray]:
+    """The demo clip scaled to ``size``², and what it is made of: ball, shadow, floor, the cone's place."""
+    frames, masks = demo_clip.frames_and_masks(0)
+    frames, masks = frames[:n], masks[:n]
+    floor = demo_clip._floor(np.random.default_rng(7))  # the clip's own floor (variant 0)
+    s = demo_clip.SIZE
+    shadows, cones = np.zeros((n, s, s), np.uint8), np.zeros((n, s, s), np.uint8)
+    for t in range(n):
+        cx, cy = demo_clip._ball_centre(t, 0)
+        cv2.ellipse(shadows[t], (cx, cy + 22), (26, 6), 0, 0, 360, 1, -1, cv2.LINE_AA)
+        cv2.fillConvexPoly(cones[t], np.array([[cx - 22, cy + 22], [cx + 22, cy + 22], [cx, cy - 48]], np.int32), 1)
+
+    def up(x: np.ndarray, nearest: bool) -> np.ndarray:
+        inter = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
+        return np.stack([cv2.resize(f, (size, size), interpolation=inter) for f in x])
+
+    bg = np.stack([np.ascontiguousarray(floor[:, demo_clip.PAN * t: demo_clip.PAN * t + s]) for t in range(n)])
+    ball = up(masks, True) > 127
+    edited = cv2.resize(demo_clip.edited_first_frame(frames[0], masks[0], 0), (size, size),
+                        interpolation=cv2.INTER_LINEAR)
+    return {"frames": up(frames, False), "background": up(bg, False), "ball": ball,
+            "shadow": (up(shadows, True) > 0) & ~ball, "cone": up(cones, True) > 0, "edited_frame": edited,
+            "pan": np.array(demo_clip.PAN * size / s)}
+
+
+def ball_cone_figures(a: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> dict[str, float]:
+    video, n = a["video"], len(a["video"])
+    bg, ball, shadow, cone = truth["background"], truth["ball"], truth["shadow"], truth["cone"]
+    h, w = ball.shape[1:]
+    first = (ball[0] | shadow[0] | cone[0] | a["shape_masks"][0]).astype(np.uint8)
+    ghost_err, shadow_err, body_err, touched = [], [], [], np.zeros_like(ball)
+    for t in range(n):
+        new = metrics.dilate(a["shape_masks"][t], 3)
+        near = metrics.dilate(ball[t] | shadow[t], 16) | metrics.dilate(cone[t], 16) | metrics.dilate(new, 4)
+        touched[t] = near
+        if t == 0:
+            continue
+        err = np.abs(video[t].astype(np.float32) - bg[t]).mean(-1)
+        # Where the object was at frame 0, moved with the camera (the floor pans left).
+        was = cv2.warpAffine(first, np.float32([[1, 0, -float(truth["pan"]) * t], [0, 1, 0]]), (w, h)) > 0
+        ghost = was & ~metrics.dilate(ball[t] | shadow[t], 8) & ~metrics.dilate(cone[t] | new, 8)
+        ghost_err.append(err[ghost].mean() if ghost.any() else 0.0)
+        sh, body = shadow[t] & ~new, ball[t] & ~new
+        shadow_err.append(err[sh].mean() if sh.any() else 0.0)
+        body_err.append(err[body].mean() if body.any() else 0.0)
+    shape_ious = [metrics.iou(a["shape_masks"][t], cone[t]) for t in range(n)]
+    return {"ghost err": float(np.mean(ghost_err)), "shadow err": float(np.mean(shadow_err)),
+            "old body err": float(np.mean(body_err)),
+            "track IoU min": min(metrics.iou(m, r) for m, r in zip(a["object_masks"], ball, strict=True)),
+            "shape IoU min": min(shape_ious), "shape IoU last": shape_ious[-1],
+            "untouched PSNR": untouched_psnr(video, truth["frames"], touched)}
+
+
+def ball_cone(n: int) -> None:
+    truth = ball_cone_truth(n)
+    base = {"frames": truth["frames"], "provided_masks": truth["ball"][:1], "edited_frame": truth["edited_frame"]}
+    base["flows"] = get_stage("flow").run(base)["flows"]
+    rows = {}
+    for label, old in (("before", Before()), ("after", None)):
+        timings: dict[str, float] = {}
+        rows[label] = ball_cone_figures(aligner(base, old, timings), truth)
+        rows[label]["seconds"] = sum(timings.values())
+    cols = list(rows["after"])
+    print(f"\nball -> cone (demo clip, {n} frames at 512²): mean abs error against the true floor (0..255) where "
+          "the ball/shadow/cone were at frame 0 and nothing is now (ghost), on the ball's shadow and body outside "
+          "the new shape; IoU of S_t with the true cone; untouched-background PSNR (capped)")
+    print(f"{'':<8}" + "".join(f"{c:>16}" for c in cols))
+    for label, row in rows.items():
+        print(f"{label:<8}" + "".join(f"{row[c]:>16.3f}" for c in cols))
+
+
+# ---- bear -----------------------------------------------------------------------------------------
+
+def bear_pipeline(n_frames: int, size: int, old: Before | None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     t: dict[str, float] = {}
     params = IngestParams(n_frames=n_frames, width=size, height=size)
     clip = read_source(BEAR / "frames", params, masks=BEAR / "mask-00000.png")
-    a = run("ingest", clip.arrays(), t, params=params)
-    a.update(run("flow", a, t))
-    a.update(run("source_masks", a, t, backend="track"))
-    a.update(run("depth", a, t, backend="ground-prior"))
+    a = get_stage("ingest").run(clip.arrays(), params)
     a["first_frame_image"] = cv2.cvtColor(cv2.imread(str(BEAR / "edited-first-frame-elephant.png")),
                                           cv2.COLOR_BGR2RGB)
-    a.update(run("edit", a, t, backend="provided", params={"width": size, "height": size}))
-    a.update(run("shape_mask", a, t, backend="change"))
-    a.update(run("motion", a, t))
-    a.update(run("generate", a, t, backend="propagate", params={"prompt": PROMPT}))
-    return a, t
+    a.update(get_stage("edit").run(a, backend="provided", params={"width": size, "height": size}))
+    return aligner(a, old, t), t
 
 
 def _shift(image: np.ndarray, dx: float, dy: float) -> np.ndarray:
@@ -92,14 +206,12 @@ def baselines(a: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 COLUMNS = [("warping_error", "warp err", ".5f"), ("occluded_fraction", "occl.", ".3f"),
            ("shape_iou", "shape IoU", ".3f"), ("shape_iou_last", "IoU last", ".3f"),
            ("first_frame_psnr", "1st PSNR", ".2f"), ("first_frame_ssim", "1st SSIM", ".4f"),
-           ("background_psnr", "bkg PSNR", ".2f"), ("clip_score", "CLIP", ".2f"),
-           ("clip_temporal", "CLIP-T", ".4f"), ("dover_overall", "DOVER", ".4f"),
+           ("background_psnr", "bkg PSNR", ".2f"), ("untouched_psnr", "untouched", ".2f"),
+           ("clip_score", "CLIP", ".2f"), ("clip_temporal", "CLIP-T", ".4f"), ("dover_overall", "DOVER", ".4f"),
            ("seconds", "eval s", ".1f")]
 
 
 def summary(out: dict[str, np.ndarray], seconds: float) -> dict[str, float | None]:
-    from stages import metrics
-
     row: dict[str, float | None] = {k: metrics.mean_or_none(out[k]) if k in out else None
                                     for k, _, _ in COLUMNS}
     row["background_psnr"] = metrics.mean_or_none(out["background_psnr"], out["background_fraction"])
@@ -108,19 +220,22 @@ def summary(out: dict[str, np.ndarray], seconds: float) -> dict[str, float | Non
     return row
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--frames", type=int, default=16)
-    ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--weights", help="learned-metric folder (clip/, dover.onnx, i3d_torchscript.pt)")
-    args = ap.parse_args()
-    start = time.perf_counter()
-    a, timings = pipeline(args.frames, args.size)
-    print(f"pipeline on bear ({args.frames} frames, {args.size}²): " +
-          ", ".join(f"{s} {sec:.2f}s" for s, sec in timings.items()))
+def bear(args: argparse.Namespace) -> None:
+    runs = {}
+    for label, old in (("before", Before()), ("after", None)):
+        a, timings = bear_pipeline(args.frames, args.size, old)
+        runs[label] = a
+        print(f"\nbear pipeline {label} ({args.frames} frames, {args.size}²): "
+              + ", ".join(f"{s} {sec:.2f}s" for s, sec in timings.items()))
+    a = runs["after"]
     print(f"edited shape S_0: {int(a['edited_shape'].sum())} px; "
           f"source object O_0: {int(a['object_masks'][0].sum())} px")
-    videos = {"propagate": a["video"], **baselines(a)}
+    # One region for every row: away from both runs' source masks and new shapes (16 px).
+    near = np.zeros(a["object_masks"].shape, bool)
+    for r in runs.values():
+        near |= np.stack([metrics.dilate(o, 16) | metrics.dilate(s, 16)
+                          for o, s in zip(r["object_masks"], r["shape_masks"], strict=True)])
+    videos = {"propagate (before)": runs["before"]["video"], "propagate": a["video"], **baselines(a)}
     backend, weights = ("learned", args.weights) if args.weights else ("metrics", None)
     if not args.weights:
         print("CLIP score, CLIP-Temporal, DOVER, FVD: skipped (no weights; pass --weights DIR)")
@@ -128,13 +243,16 @@ def main() -> None:
     evaluate = get_stage("evaluate")
     for name, video in videos.items():
         t0 = time.perf_counter()
-        outs[name] = evaluate.run({**a, "video": video}, {"prompt": PROMPT}, backend=backend, weights=weights)
+        src = runs["before"] if "before" in name else a
+        outs[name] = evaluate.run({**src, "video": video}, {"prompt": PROMPT}, backend=backend, weights=weights)
         rows[name] = summary(outs[name], time.perf_counter() - t0)
+        rows[name]["untouched_psnr"] = untouched_psnr(video, a["frames"], near)
     head = f"{'configuration':<24}" + "".join(f"{h:>11}" for _, h, _ in COLUMNS)
     print("\n" + head + "\n" + "-" * len(head))
     for name, row in rows.items():
         cells = "".join(f"{'—' if row[k] is None else format(row[k], f):>11}" for k, _, f in COLUMNS)
         print(f"{name:<24}{cells}")
+    print("untouched: PSNR against the source 16 px away from every run's source masks and new shapes (capped)")
     if "fvd_features" in outs["propagate"]:
         # FVD compares sets of videos; with one video each, print the I3D feature distance instead.
         print("\nI3D feature distance output -> source (FVD needs a set of videos: see `v2v report`):")
@@ -143,8 +261,21 @@ def main() -> None:
             print(f"  {name:<24}{dist:.3f}")
     for name, out in outs.items():
         print(f"per-frame shape IoU, {name}: {np.round(out['shape_iou'].astype(float), 3).tolist()}")
-    print(f"total {time.perf_counter() - start:.1f}s")
 
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--frames", type=int, default=16)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--weights", help="learned-metric folder (clip/, dover.onnx, i3d_torchscript.pt)")
+    ap.add_argument("--skip-family", action="store_true", help="skip the synthetic family (~1 min)")
+    args = ap.parse_args()
+    start = time.perf_counter()
+    if not args.skip_family:
+        print_family(family_figures(args.frames), per_clip=False)
+    ball_cone(args.frames)
+    bear(args)
+    print(f"total {time.perf_counter() - start:.1f}s")
 
 
 if __name__ == "__main__":

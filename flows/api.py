@@ -22,7 +22,10 @@ from flows.config.request import RunRequest, catalog_payload, load_catalog_arg
 from flows.exports.outputs import OutputsConfig
 from flows.plan.planner import JobPlan
 from flows.plan.run_plan import RequestArg, prepare_catalog, resolve
-from flows.run.engine import InlineExecutor, Reporter, RunReport, schedule
+from flows.run.executors import InlineExecutor
+from flows.run.lease import run_lease
+from flows.run.results import Reporter, RunReport
+from flows.run.scheduler import schedule
 from storage.store import ArtifactStore, open_store
 
 Orchestrator = Literal["prefect", "inline"]
@@ -45,6 +48,13 @@ def run_planned(plans: list[JobPlan], profile: Profile, store: ArtifactStore, ca
     to show that Prefect adds no compute)."""
     start = start if start is not None else time.perf_counter()
     req = RunRequest.coerce(request)
+    with run_lease(store, plans):
+        return _run_planned(plans, profile, store, catalog, req, orchestrator, reporter, start, skip_when_cached)
+
+
+def _run_planned(plans: list[JobPlan], profile: Profile, store: ArtifactStore, catalog: Any, req: RunRequest,
+                 orchestrator: Orchestrator, reporter: Reporter | None, start: float,
+                 skip_when_cached: bool) -> RunReport:
     work = any(p.ok and p.to_run() for p in plans) or not skip_when_cached
     if not work or orchestrator == "inline":
         report = run_inline(plans, profile, store, reporter, start)

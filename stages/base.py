@@ -134,6 +134,9 @@ class Backend:
     # The backend's own code version (its code outside the stage module: a network runner in stages/nets/),
     # bumped when what it computes changes; it enters the key after the stage's version.
     version: str = ""
+    # A fact about the job's own data under which ``auto`` prefers this backend over the stage's default
+    # (``"per_frame_masks"``: the row gives a mask for every frame, so `provided` beats `track`).
+    preferred_when: str | None = None
 
     def __post_init__(self) -> None:
         if self.uses is None:

@@ -14,8 +14,19 @@ Backends:
   Frames are squashed to the model's input size, run in batches, and the prediction (relative inverse
   depth; metric models are inverted) is resized back to the canvas with bicubic interpolation.
 
-``normalise="clip"`` (default) maps the whole clip with one min/max (no scale flicker between frames);
-``"frame"`` is the reference's per-frame min/max.
+  Given a ``.pt`` *file* instead, the backend loads the reference's own MiDaS v3.1 ``dpt_swin2_large_384.pt``
+  into transformers' DPT-Swinv2 (``stages.nets.midas``: strict signature check, key mapping) and feeds it the
+  reference's preprocessing (float64 cv2 bicubic to 384², mean = std = 0.5). Same network family, same
+  transformers class and the same ``weights.dpt`` setting, hence the same backend rather than a new one.
+
+Output, v2v's default vs the reference (``normalise="frame", levels="uint8"``):
+
+* ``normalise="clip"`` (default) maps the whole clip with one min/max (no scale flicker between frames);
+  ``"frame"`` is the reference's per-frame min/max.
+* ``levels="float16"`` (default) keeps the full precision; ``"uint8"`` gives the reference runner's 8-bit map
+  (``255 * (d - min) / (max - min)``, ``* 3``, ``/ 3``, truncated), stored as k/255 in float16, so
+  ``round(depth * 255)`` is the reference's byte. No JPEG round trip in either mode (the reference saves its
+  maps under the source's ``.jpg`` name, lossy).
 """
 
 from __future__ import annotations
@@ -44,10 +55,14 @@ class DepthParams(Params):
         5, ge=1, description="ground-prior: frames in the median of the contact row (1 = off)")
     edge_sigma_px: float = Field(
         2.0, ge=0.0, le=32.0, description="ground-prior: Gaussian feathering of the object edge (0 = hard)")
+    levels: Literal["float16", "uint8"] = Field(
+        "float16", description="dpt: 'float16': full precision; 'uint8': the reference's truncated 8-bit map "
+                               "(as k/255)")
     batch_size: int = Field(4, ge=1, le=64, description="dpt: frames per forward pass")
     input_size: int | None = Field(
         None, ge=32, le=2048,
-        description="dpt: square network input side; None = the model's preprocessor size, else 384")
+        description="dpt: square network input side; None = the model's preprocessor size, else 384 "
+                    "(a MiDaS .pt file takes 384 only)")
 
 
 def _check_frames(frames: np.ndarray) -> None:
@@ -66,6 +81,24 @@ def normalise_depth(inv_depth: np.ndarray, how: str) -> np.ndarray:
     span = hi - lo
     out = np.where(span > 0, (x - lo) / np.where(span > 0, span, 1), 0.0)
     return np.clip(out, 0, 1).astype(np.float16)
+
+
+def reference_levels(inv_depth: np.ndarray, how: str) -> np.ndarray:
+    """The reference runner's 8-bit map, in its float32 operation order (the truncation depends on it)."""
+    x = inv_depth.astype(np.float32)
+    axes = None if how == "clip" else (1, 2)
+    lo = x.min(axis=axes, keepdims=True)
+    span = x.max(axis=axes, keepdims=True) - lo
+    n = 255 * (x - lo) / np.where(span > 0, span, np.float32(1))
+    n *= 3  # the runner scales by 3 and divides the 3-channel image by 3: not an identity in float32
+    return (n / 3).astype(np.uint8)
+
+
+def finish_depth(inv_depth: np.ndarray, how: str, levels: str) -> np.ndarray:
+    """Normalised float16 depth; ``levels="uint8"``: the reference's bytes k as k/255 (round(x*255) = k)."""
+    if levels == "uint8":
+        return (reference_levels(inv_depth, how).astype(np.float32) / 255).astype(np.float16)
+    return normalise_depth(inv_depth, how)
 
 
 # ---- ground-prior -----------------------------------------------------------------------------------
@@ -122,13 +155,18 @@ class DepthNet:
     size: int  # square input side, a multiple of ``multiple``
     multiple: int
     metric: bool  # metric depth (near = small): inverted before normalising
+    reference_input: bool = False  # MiDaS .pt: the reference's own preprocessing at a fixed 384²
 
 
 def load_dpt(weights: str | None, device: str) -> DepthNet:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if weights and Path(weights).is_file():
+        from stages.nets.midas import SIZE, load_midas_pt
+
+        return DepthNet(load_midas_pt(weights, device), device, (0.5,) * 3, (0.5,) * 3, SIZE, 32, False, True)
     if not weights or not Path(weights).is_dir():
-        raise MissingWeightsError(f"depth (dpt): weights folder {weights!r} not found (a transformers "
-                                  "DPT / Depth-Anything folder with config.json is needed)")
+        raise MissingWeightsError(f"depth (dpt): weights {weights!r} not found (a transformers DPT / "
+                                  "Depth-Anything folder with config.json, or MiDaS dpt_swin2_large_384.pt)")
     from transformers import AutoModelForDepthEstimation
 
     model = AutoModelForDepthEstimation.from_pretrained(weights, local_files_only=True)
@@ -148,43 +186,63 @@ def load_dpt(weights: str | None, device: str) -> DepthNet:
     return DepthNet(model, device, mean, std, size, int(patch), metric)  # type: ignore[arg-type]
 
 
+def predict_raw(net: DepthNet, frames: np.ndarray, input_size: int | None = None) -> Any:
+    """The network's raw prediction [b, side, side] (a torch tensor) for one batch of uint8 frames."""
+    import torch
+    import torch.nn.functional as F
+
+    if net.reference_input:
+        from stages.nets.midas import reference_input
+
+        if input_size not in (None, net.size):
+            raise StageInputError(f"depth (dpt): the MiDaS .pt model takes {net.size}x{net.size} input only, "
+                                  f"got input_size={input_size}")
+        x = torch.from_numpy(reference_input(frames)).to(net.device)
+    else:
+        h, w = frames.shape[1:3]
+        side = input_size or net.size
+        side = max(net.multiple, int(round(side / net.multiple)) * net.multiple)
+        mean = torch.tensor(net.mean, device=net.device).view(1, 3, 1, 1)
+        std = torch.tensor(net.std, device=net.device).view(1, 3, 1, 1)
+        x = torch.from_numpy(frames).to(net.device).permute(0, 3, 1, 2).float() / 255.0
+        x = F.interpolate(x, size=(side, side), mode="bicubic", align_corners=False,
+                          antialias=side < max(h, w)).clamp(0, 1)
+        x = (x - mean) / std
+    return net.model(pixel_values=x).predicted_depth
+
+
 def dpt_depth(*, model: DepthNet, params: DepthParams, frames: np.ndarray) -> dict[str, np.ndarray]:
     import torch
     import torch.nn.functional as F
 
     _check_frames(frames)
     n, h, w = frames.shape[:3]
-    side = params.input_size or model.size
-    side = max(model.multiple, int(round(side / model.multiple)) * model.multiple)
-    mean = torch.tensor(model.mean, device=model.device).view(1, 3, 1, 1)
-    std = torch.tensor(model.std, device=model.device).view(1, 3, 1, 1)
     out = np.empty((n, h, w), np.float32)
     with torch.inference_mode():
         for i in range(0, n, params.batch_size):
-            x = torch.from_numpy(frames[i:i + params.batch_size]).to(model.device)
-            x = x.permute(0, 3, 1, 2).float() / 255.0
-            x = F.interpolate(x, size=(side, side), mode="bicubic", align_corners=False,
-                              antialias=side < max(h, w)).clamp(0, 1)
-            pred = model.model(pixel_values=(x - mean) / std).predicted_depth  # [b, h', w']
+            pred = predict_raw(model, frames[i:i + params.batch_size], params.input_size)
+            # Back to the canvas as the reference does: torch bicubic, align_corners=False, float32.
             pred = F.interpolate(pred[:, None].float(), size=(h, w), mode="bicubic",
                                  align_corners=False)[:, 0]
             if model.metric:
                 pred = 1.0 / pred.clamp_min(1e-6)
-            out[i:i + len(x)] = pred.cpu().numpy()
+            out[i:i + len(pred)] = pred.cpu().numpy()
     if not np.isfinite(out).all():
         raise StageInputError("depth (dpt): the model produced NaN/inf (bad weights?)")
-    return {"depth": normalise_depth(out, params.normalise)}
+    return {"depth": finish_depth(out, params.normalise, params.levels)}
 
 
 STAGE = Stage(
     name="depth",
-    version="1",
+    version="2",
     inputs=("frames", "object_masks"),
     outputs={"depth": ArraySpec(("frame", "y", "x"), "float16")},
     params=DepthParams,
     backends={
-        "ground-prior": Backend("ground-prior", ground_prior, uses=("frames", "object_masks")),
-        "dpt": Backend("dpt", dpt_depth, uses=("frames",), load=load_dpt, needs_weights=True, gpu=True),
+        "ground-prior": Backend("ground-prior", ground_prior,
+                                reads=("normalise", "horizon", "contact_window", "edge_sigma_px")),
+        "dpt": Backend("dpt", dpt_depth, load=load_dpt, needs_weights=True, gpu=True,
+                       reads=("normalise", "levels", "batch_size", "input_size")),
     },
     default_backend="ground-prior",
     doc="Relative inverse depth per frame (near = large), float16 in [0, 1].",

@@ -9,11 +9,14 @@ Backends:
 * ``sd-inpaint``: SD-1.5 inpainting in the edit region, guided by the prompt.
 * ``sketch``: SD-1.5 inpainting + scribble ControlNet (UniPC), guided by ``sketch_image`` and the prompt.
 
-The edit region is the frame-0 object mask grown by ``mask_margin_px`` (default per backend, as the
-reference: Paint-by-Example +4 px, SD-inpaint +81 px, sketch +45 px; the sketch's own filled outline is
-added so a larger new shape fits). Unlike the reference, every backend is seeded (CPU ``torch.Generator``)
-and, by default, the result is composited back over frame 0 outside the (feathered) region, so the
-untouched background keeps its pixels instead of the VAE's re-rendering.
+Each editor gets the reference runner's call (spec section 2): its steps, guidance scales, negative prompt
+and seed (``None`` fields take the backend's reference value, :data:`REFERENCE_CALL`), and the edit region is
+the frame-0 object mask dilated as the reference does it, with a square ``k x k`` kernel (Paint-by-Example
++4 px, SD-inpaint +81 px, sketch +45 px; ``mask_margin_px`` overrides). Deliberate differences: the frames
+and masks are ingest's canvas ones; the sketch's own filled outline joins its region so a larger new shape
+fits; every backend is seeded (CPU ``torch.Generator``; the reference's Paint-by-Example and InstructPix2Pix
+runs are unseeded); by default the result is composited back over frame 0 outside the (feathered) region, so
+the untouched background keeps its pixels instead of the VAE's re-rendering.
 Pipelines load from local folders only (``local_files_only=True``), once per worker (``Backend.load``).
 """
 
@@ -30,12 +33,16 @@ import numpy as np
 from pydantic import Field
 
 from stages.base import ArraySpec, Backend, MissingWeightsError, Stage, StageInputError
-from stages.generate import DEFAULT_NEGATIVE_PROMPT
 from stages.ingest import CanvasParams, canvas_geometry, warp_to_canvas
+from stages.prompts import DEFAULT_NEGATIVE_PROMPT
 
 # Reference margins (px on the 512² canvas): PBE 9x9 kernel once (+4), SD-inpaint 19x19 x 9 (+81),
 # sketch script 19x19 x 5 (+45).
 DEFAULT_MARGIN_PX = {"paint-by-example": 4, "sd-inpaint": 81, "sketch": 45}
+# The reference's (steps, guidance scale, seed) per editor: inference.py's defaults (50 steps, CFG 9, seed
+# 42; PBE and IP2P run unseeded there, v2v seeds them with 42) and the sketch script's (20, 7.5, seed 23).
+REFERENCE_CALL = {"instructpix2pix": (50, 9.0, 42), "paint-by-example": (50, 9.0, 42),
+                  "sd-inpaint": (50, 9.0, 42), "sketch": (20, 7.5, 23)}
 # StableV2V mirror folder names, for the sketch backend given the checkpoints root.
 MIRROR_INPAINT, MIRROR_SCRIBBLE = "stable-diffusion-v1-5-inpaint", "controlnet-scribble"
 
@@ -46,9 +53,9 @@ class EditParams(CanvasParams):
     prompt: str = Field("", description="what the edit region shows (sd-inpaint, sketch)")
     instruction: str = Field("", description="InstructPix2Pix edit instruction (falls back to prompt)")
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
-    seed: int = Field(42, ge=0)
-    steps: int = Field(50, ge=1, le=1000)
-    guidance_scale: float = Field(9.0, ge=0.0)
+    seed: int | None = Field(None, ge=0, description="CPU generator seed; None = the reference's (42; sketch 23)")
+    steps: int | None = Field(None, ge=1, le=1000, description="None = the reference's (50; sketch 20)")
+    guidance_scale: float | None = Field(None, ge=0.0, description="None = the reference's (9.0; sketch 7.5)")
     image_guidance_scale: float = Field(1.0, ge=0.0, description="InstructPix2Pix image guidance")
     controlnet_scale: float = Field(1.0, ge=0.0, description="sketch: scribble ControlNet strength")
     mask_margin_px: int | None = Field(
@@ -90,10 +97,11 @@ def _disk(r: int) -> np.ndarray:
 
 
 def grow(mask: np.ndarray, px: int) -> np.ndarray:
-    """Grow by a Euclidean disk of radius ``px`` (exact, any radius)."""
+    """Grow by ``px`` with a square kernel, as the reference's ``cv2.dilate(mask, ones((k, k)), iterations=n)``
+    (one ``(2 px + 1)``-square dilation equals ``n`` dilations by a ``k``-square when ``px = n (k - 1) / 2``)."""
     if px <= 0 or not mask.any():
         return mask.astype(bool, copy=True)
-    return cv2.distanceTransform((~mask).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE) <= px
+    return cv2.dilate(mask.astype(np.uint8), np.ones((2 * px + 1, 2 * px + 1), np.uint8)) > 0
 
 
 def sketch_strokes(sketch: np.ndarray) -> np.ndarray:
@@ -167,14 +175,28 @@ def _pil(a: np.ndarray) -> Any:
     return Image.fromarray(np.ascontiguousarray(a))
 
 
-def _run(pipe: Any, params: EditParams, size: tuple[int, int], **kwargs: Any) -> np.ndarray:
+def _bicubic() -> Any:
+    from PIL import Image
+
+    return Image.Resampling.BICUBIC  # PIL's default for RGB resizes, what the reference gets
+
+
+def reference_call(params: EditParams, backend: str) -> tuple[int, float, int]:
+    """(steps, guidance scale, seed): the params', else the reference runner's for this editor."""
+    steps, scale, seed = REFERENCE_CALL[backend]
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    return int(pick(params.steps, steps)), float(pick(params.guidance_scale, scale)), int(pick(params.seed, seed))
+
+
+def _run(pipe: Any, params: EditParams, backend: str, size: tuple[int, int], **kwargs: Any) -> np.ndarray:
     """Call a diffusers pipeline with a seeded CPU generator; returns uint8 [y, x, 3] at ``size`` (h, w)."""
     import torch
 
-    generator = torch.Generator("cpu").manual_seed(params.seed)
+    steps, scale, seed = reference_call(params, backend)
+    generator = torch.Generator("cpu").manual_seed(seed)  # the stream torch.manual_seed(seed) gives too
     with torch.inference_mode():
-        out = pipe(num_inference_steps=params.steps, guidance_scale=params.guidance_scale,
-                   generator=generator, output_type="np", **kwargs).images[0]
+        out = pipe(num_inference_steps=steps, guidance_scale=scale, generator=generator, output_type="np",
+                   **kwargs).images[0]
     img = np.clip(np.asarray(out, np.float32) * 255.0 + 0.5, 0, 255).astype(np.uint8)
     if img.shape[:2] != size:  # pipelines round sizes to their latent grid
         img = cv2.resize(img, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
@@ -186,7 +208,7 @@ def instructpix2pix(*, model: Any, params: EditParams, frames: np.ndarray) -> di
     text = params.instruction or params.prompt
     if not text.strip():
         raise StageInputError("edit (instructpix2pix): give the edit instruction (param 'instruction')")
-    out = _run(model, params, frame.shape[:2], prompt=text, image=_pil(frame),
+    out = _run(model, params, "instructpix2pix", frame.shape[:2], prompt=text, image=_pil(frame),
                negative_prompt=params.negative_prompt, image_guidance_scale=params.image_guidance_scale)
     return {"edited_frame": out}
 
@@ -198,7 +220,10 @@ def paint_by_example(*, model: Any, params: EditParams, frames: np.ndarray, obje
     reference = as_rgb(reference_image, "reference_image", background=255)
     if not region.any():  # nothing to replace: frame 0 stays as it is
         return {"edited_frame": frame.copy()}
-    out = _run(model, params, frame.shape[:2], example_image=_pil(reference), image=_pil(frame),
+    # Squashed onto the canvas with PIL's bicubic, as the reference (before the pipeline's own CLIP crop).
+    # The reference also passes its negative prompt, which this pipeline ignores (a learned uncond vector).
+    example = _pil(reference).resize((frame.shape[1], frame.shape[0]), _bicubic())
+    out = _run(model, params, "paint-by-example", frame.shape[:2], example_image=example, image=_pil(frame),
                mask_image=_pil(region.astype(np.uint8) * 255))
     return {"edited_frame": _composite(out, frame, region, params)}
 
@@ -210,7 +235,7 @@ def sd_inpaint(*, model: Any, params: EditParams, frames: np.ndarray, object_mas
     if not region.any():
         return {"edited_frame": frame.copy()}
     h, w = frame.shape[:2]
-    out = _run(model, params, (h, w), prompt=params.prompt, negative_prompt=params.negative_prompt,
+    out = _run(model, params, "sd-inpaint", (h, w), prompt=params.prompt, negative_prompt=params.negative_prompt,
                image=_pil(frame), mask_image=_pil(region.astype(np.uint8) * 255), height=h, width=w)
     return {"edited_frame": _composite(out, frame, region, params)}
 
@@ -228,7 +253,7 @@ def sketch(*, model: Any, params: EditParams, frames: np.ndarray, object_masks: 
     region = _region(_mask0(object_masks, frame) | sketch_region(strokes), params, "sketch")
     if not region.any():
         raise StageInputError("edit (sketch): the sketch is empty and there is no object mask to edit")
-    out = _run(model, params, (h, w), prompt=params.prompt, negative_prompt=params.negative_prompt,
+    out = _run(model, params, "sketch", (h, w), prompt=params.prompt, negative_prompt=params.negative_prompt,
                image=_pil(frame), mask_image=_pil(region.astype(np.uint8) * 255),
                control_image=_pil(np.repeat(strokes[..., None], 3, axis=2)), height=h, width=w,
                controlnet_conditioning_scale=params.controlnet_scale)
@@ -317,8 +342,21 @@ def load_editor(kind: str, weights: str | None, device: str) -> Any:
     return pipe.to(device)
 
 
+_CALL = ("negative_prompt", "seed", "steps", "guidance_scale")
+_REGION = ("mask_margin_px", "composite", "feather_px")
+EDITOR_READS = {
+    "instructpix2pix": ("instruction", "prompt", *_CALL, "image_guidance_scale"),
+    "paint-by-example": ("seed", "steps", "guidance_scale", *_REGION),
+    "sd-inpaint": ("prompt", *_CALL, *_REGION),
+    "sketch": ("canvas", "prompt", *_CALL, "controlnet_scale", *_REGION),
+}
+
+
 def _editor(name: str, fn: Any, uses: tuple[str, ...]) -> Backend:
-    return Backend(name, fn, uses=uses, load=partial(load_editor, name), needs_weights=True, gpu=True)
+    # version 2: the reference runner's call (per-editor steps/CFG/seed, square mask dilation, PBE example
+    # squashed onto the canvas)
+    return Backend(name, fn, uses=uses, load=partial(load_editor, name), needs_weights=True, gpu=True,
+                   reads=EDITOR_READS[name], version="2")
 
 
 STAGE = Stage(
@@ -328,7 +366,7 @@ STAGE = Stage(
     outputs={"edited_frame": ArraySpec(("y", "x", "channel"), "uint8")},
     params=EditParams,
     backends={
-        "provided": Backend("provided", provided, uses=("first_frame_image",)),
+        "provided": Backend("provided", provided, uses=("first_frame_image",), reads=("canvas", "width", "height")),
         "instructpix2pix": _editor("instructpix2pix", instructpix2pix, ("frames",)),
         "paint-by-example": _editor("paint-by-example", paint_by_example,
                                     ("frames", "object_masks", "reference_image")),

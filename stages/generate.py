@@ -16,25 +16,30 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from stages.base import ArraySpec, Backend, Params, Stage
-from stages.propagate import propagate_video
+from stages.prompts import DEFAULT_NEGATIVE_PROMPT
 
-# The reference's default negative prompt (I2VGen-XL's example prompt), shared with the first-frame editors.
-DEFAULT_NEGATIVE_PROMPT = (
-    "Distorted, discontinuous, Ugly, blurry, low resolution, motionless, static, disfigured, "
-    "disconnected limbs, Ugly faces, incomplete arms"
-)
+MAX_SEED = 2**63 - 2  # seed + 1 (the derived VAE noise seed) must still be a torch seed
+
 
 
 class GenerateParams(Params):
     # ---- shared / CIG (i2vgenxl) -------------------------------------------------------------------
     prompt: str = ""
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
-    seed: int = Field(42, ge=0, description="CPU torch.Generator seed (0 is a seed like any other)")
+    seed: int = Field(42, ge=0, le=MAX_SEED, description="CPU torch.Generator seed of the initial latents, as "
+                      "the reference's (0 is a seed like any other; the reference runs unseeded then)")
+    vae_noise_seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="seed of the first frame's VAE posterior noise (its own CPU "
+                                             "generator); None = seed + 1. The reference draws it unseeded")
     steps: int = Field(50, ge=1, le=1000)
     guidance_scale: float = Field(9.0, ge=0.0)
     controlnet_scale: float = Field(1.0, ge=0.0)
     control_guidance_start: float = Field(0.0, ge=0.0, le=1.0)
     control_guidance_end: float = Field(1.0, ge=0.0, le=1.0)
+    zero_control: Literal["none", "reference"] = Field(
+        "none", description="where the ControlNet scale is 0 (controlnet_scale 0, or a step outside the "
+                            "control window): 'none' = no control at all; 'reference' = as StableV2V, the "
+                            "Ctrl-Adapter's mid output for zero residuals is still added")
     fps: int = Field(16, ge=1, le=120, description="I2VGen-XL fps micro-condition (and export rate)")
     window: int = Field(16, ge=2, description="frames per generation window")
     overlap: int = Field(4, ge=0, description="frames shared by consecutive windows")
@@ -56,12 +61,21 @@ class GenerateParams(Params):
     fill_from_frames: bool = Field(True, description="fill the removed object's area from other frames first")
     inpaint_radius: int = Field(5, ge=1, le=32, description="cv2.inpaint radius for what no frame shows")
     background: Literal["source", "edited"] = Field(
-        "source", description="'source': the source frames, with the object's area and the area the editor "
-                              "changed taken from the edited frame; 'edited': the edited frame's whole "
-                              "background moved with the camera (static scenes: no jump after frame 0)")
-    carry_edit_tone: bool = Field(
-        True, description="carry the edited frame's low-frequency colour change (outside the object) to "
-                          "every frame, so the background does not jump between frame 0 and frame 1")
+        "source", description="'source': each source frame as it is, but where its old object (and shadow) "
+                              "was, filled from the other frames; 'edited': the edited frame's whole "
+                              "background moved with the camera (a restyled static scene; not exact "
+                              "outside the edit)")
+    match_fill_tone: bool = Field(
+        True, description="fill pixels taken from the other layer get the output's look: with background "
+                          "'source', the edited frame's pixels lose its low-frequency colour change (outside "
+                          "the edit) so the fill matches the untouched source around it; with 'edited', the "
+                          "source frames' pixels get it")
+    shadow_px: int = Field(
+        32, ge=0, le=256, description="how far beyond the removal margin the old object's shadow is looked "
+                                      "for: pixels darker than the other frames show there, touching the "
+                                      "object, are removed with it (0: off)")
+    shadow_level: float = Field(16.0, gt=0, le=255, description="grey levels darker than the background "
+                                                                "that count as shadow")
 
     @model_validator(mode="after")
     def _windows(self) -> GenerateParams:
@@ -75,6 +89,8 @@ class GenerateParams(Params):
 # ---- backends -------------------------------------------------------------------------------------
 
 def _propagate(*, model: None, params: GenerateParams, **arrays: np.ndarray) -> dict[str, np.ndarray]:
+    from stages.propagate import propagate_video  # lazily: its code is this backend's (own version), not the stage's
+
     return {"video": propagate_video(params=params, **arrays)}
 
 
@@ -94,6 +110,12 @@ def _i2vgenxl(*, model: Any, params: GenerateParams, edited_frame: np.ndarray,
 
 PROPAGATE_USES = ("frames", "flows", "object_masks", "depth", "edited_frame", "shape_masks",
                   "simulated_flows")
+PROPAGATE_READS = ("removal_margin_px", "feather_px", "occlusion", "occlusion_margin", "fill_from_frames",
+                   "inpaint_radius", "background", "match_fill_tone", "shadow_px", "shadow_level")
+# Every field cig_generate reads; the memory options too (they change float rounding, not the method).
+I2VGENXL_READS = ("prompt", "negative_prompt", "seed", "vae_noise_seed", "steps", "guidance_scale",
+                  "controlnet_scale", "control_guidance_start", "control_guidance_end", "zero_control", "fps",
+                  "window", "overlap", "dtype", "cpu_offload", "controlnet_batch", "split_cfg", "decode_chunk")
 
 STAGE = Stage(
     name="generate",
@@ -103,9 +125,11 @@ STAGE = Stage(
     outputs={"video": ArraySpec(("frame", "y", "x", "channel"), "uint8")},
     params=GenerateParams,
     backends={
-        "propagate": Backend("propagate", _propagate, uses=PROPAGATE_USES),
+        # version 2: the source as it is outside each frame's old object and the new shape; no ghosts
+        "propagate": Backend("propagate", _propagate, uses=PROPAGATE_USES, reads=PROPAGATE_READS, version="2"),
+        # version 2: seeded like the reference (initial latents first), own VAE-noise stream, 8-bit control
         "i2vgenxl": Backend("i2vgenxl", _i2vgenxl, uses=("edited_frame", "refined_depth"), load=_load_cig,
-                            needs_weights=True, gpu=True),
+                            needs_weights=True, gpu=True, reads=I2VGENXL_READS, version="2"),
     },
     default_backend="propagate",
     doc="The edited video: the edited object moved with the simulated motion (propagate), or I2VGen-XL "

@@ -1,16 +1,18 @@
 """Ingest: decode a source clip (video file, frame folder or DAVIS clip) onto the working canvas.
 
-Reading (``read_source``) is separate from the pure stage function (``to_canvas``): the decoded frames are
-the stage's input, so the source key is the hash of the decoded pixels and the parameters, whatever the
-file is called or how it was encoded.
+The stage's input is a :class:`SourceRef`: the files and a digest of their bytes, so planning keys a source
+without decoding it (the key covers the bytes and the parameters, whatever the files are called), and the
+worker running ingest decodes only the frames it takes (``start``, ``stride``, ``n_frames``), one at a time
+straight onto the canvas. File reading, pixel formats and size limits are in :mod:`stages.source_io`.
 """
 
 from __future__ import annotations
 
-import logging
+import dataclasses
+import hashlib
+import json
 import os
-import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -20,11 +22,23 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from stages.base import ArraySpec, Backend, Params, Stage, StageInputError
+from stages.source_io import (
+    DECODE_STATS,
+    IMAGE_SUFFIXES,
+    VIDEO_SUFFIXES,
+    DecodeLimits,
+    VideoRead,
+    image_files,
+    image_size,
+    iter_video,
+    read_image,
+    selection,
+    sha256_file,
+    video_size,
+)
 
-log = logging.getLogger("v2v.ingest")
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".webm", ".mkv", ".m4v"}
+__all__ = ["DECODE_STATS", "IMAGE_SUFFIXES", "STAGE", "VIDEO_SUFFIXES", "DecodeLimits", "IngestParams",
+           "SourceClip", "SourceRef", "read_source", "source_ref", "to_canvas", "with_digest"]
 
 
 class CanvasParams(Params):
@@ -110,193 +124,300 @@ def to_canvas(*, model: None, params: IngestParams, source_frames: np.ndarray,
     return out
 
 
-def _geometry_attrs(params: IngestParams, source_frames: np.ndarray, **_: Any) -> dict[str, Any]:
-    return {"geometry": canvas_geometry(source_frames.shape[2], source_frames.shape[1], params)}
+# ---- the source: a reference to files, decoded where ingest runs -----------------------------------------
+
+@dataclass(frozen=True)
+class SourceRef:
+    """The ingest stage's input: which files, and a digest of their bytes (what the artifact key covers).
+
+    Small and JSON-able (:meth:`to_json`): planning hashes the files without decoding them, and the worker
+    that runs ingest decodes only the frames it takes, checking the bytes it reads against ``digest``."""
+
+    path: str  # the video file or the frames folder (absolute)
+    digest: str = ""  # "" = not hashed (read as is, nothing to check)
+    frames: tuple[str, ...] = ()  # frames folder: the files taken, in order (names inside ``path``)
+    index: tuple[int, ...] = ()  # frames folder: their positions in the folder's sequence
+    available: int = 0  # frames folder: its images; video: 0 (known once decoded)
+    masks: str | None = None  # a mask file (frame 0, or every frame of a one-frame clip) or a folder of them
+    mask_files: tuple[str, ...] = ()  # in ``masks`` (a folder): every mask, in numeric order
+    content: str = ""  # video: sha256 of the file's bytes
+    stat: tuple[int, int] = (0, 0)  # video: (size, mtime_ns) when planned (the check for files too big to re-hash)
+    limits: DecodeLimits = DecodeLimits()
+
+    @property
+    def is_video(self) -> bool:
+        return not self.frames
+
+    @property
+    def has_masks(self) -> bool:
+        return self.masks is not None
+
+    def files(self) -> list[Path]:
+        """Every file the digest covers (the fingerprint index stamps them)."""
+        out = [Path(self.path)] if self.is_video else [Path(self.path, f) for f in self.frames]
+        return out + self.mask_paths()
+
+    def mask_paths(self) -> list[Path]:
+        if self.masks is None:
+            return []
+        return [Path(self.masks, f) for f in self.mask_files] if self.mask_files else [Path(self.masks)]
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        return out
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> SourceRef:
+        doc = dict(doc)
+        doc["limits"] = DecodeLimits(**doc.get("limits", {}))
+        for name in ("frames", "index", "mask_files", "stat"):
+            doc[name] = tuple(doc.get(name, ()))
+        return cls(**doc)
+
+
+def _davis_masks(path: Path) -> Path | None:
+    """``<root>/JPEGImages/<res?>/<name>`` layout: its Annotations twin, if there is one."""
+    parts = path.parts
+    if "JPEGImages" not in parts:
+        return None
+    i = parts.index("JPEGImages")
+    ann = Path(*parts[:i], "Annotations", *parts[i + 1:])
+    return ann if ann.is_dir() else None
+
+
+def source_ref(path: str | os.PathLike[str], params: IngestParams | None = None,
+               masks: str | os.PathLike[str] | None = None, *, limits: DecodeLimits | None = None,
+               hashed: bool = True) -> SourceRef:
+    """A reference to the source as ``params`` takes it: the layout checked (cheaply: names and sizes, no pixel
+    decoded), the files hashed unless ``hashed=False`` (then :func:`with_digest` can add it later)."""
+    params = params or IngestParams()
+    limits = limits or DecodeLimits()
+    src = Path(path).expanduser().absolute()
+    if not src.exists():
+        raise StageInputError(f"{src}: no such file or folder")
+    if params.n_frames is not None:
+        limits.check_frames(str(src), params.n_frames)
+    mask_src = Path(masks).expanduser().absolute() if masks else _davis_masks(src)
+    if mask_src is not None and not mask_src.exists():
+        raise StageInputError(f"{mask_src}: masks not found")
+    mask_files = tuple(f.name for f in image_files(mask_src)) if mask_src is not None and mask_src.is_dir() else ()
+    if src.is_file():
+        if src.suffix.lower() not in VIDEO_SUFFIXES:
+            raise StageInputError(f"{src}: not a video ({', '.join(sorted(VIDEO_SUFFIXES))}) or a frame folder")
+        st = src.stat()
+        limits.check_bytes(src, st.st_size, video=True)
+        ref = SourceRef(str(src), masks=str(mask_src) if mask_src else None, mask_files=mask_files,
+                        stat=(st.st_size, st.st_mtime_ns), limits=limits)
+    else:
+        files = image_files(src)
+        index = selection(len(files), params.start, params.stride, params.n_frames, str(src))
+        limits.check_frames(str(src), len(index))
+        for i in index:
+            limits.check_bytes(files[i], files[i].stat().st_size, video=False)
+        if mask_src is not None:
+            _mask_choice(mask_src, len(mask_files) or 1, index, len(files), mask_src.is_file())
+        ref = SourceRef(str(src), frames=tuple(files[i].name for i in index), index=tuple(index),
+                        available=len(files), masks=str(mask_src) if mask_src else None, mask_files=mask_files,
+                        limits=limits)
+    return with_digest(ref) if hashed else ref
+
+
+def _mask_choice(where: Path, count: int, index: list[int], available: int, is_file: bool) -> list[int] | None:
+    """Which masks the frames take: None = the one mask (frame 0), else a mask per frame taken."""
+    if count == 1:
+        if index[0] != 0 and not is_file:
+            raise StageInputError(f"{where}: one mask given (frame 0) but the clip starts at frame {index[0]}")
+        return None
+    if count >= available:
+        return index
+    raise StageInputError(f"{where}: {count} masks for {available} frames (give one per frame, or one for frame 0)")
+
+
+def _combine(ref: SourceRef, part_digests: list[str], mask_digests: list[str]) -> str:
+    record = {"v": 1, "video": ref.is_video, "index": list(ref.index), "parts": part_digests,
+              "masks": None if ref.masks is None else [bool(ref.mask_files), mask_digests]}
+    return hashlib.sha256(json.dumps(record, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def with_digest(ref: SourceRef) -> SourceRef:
+    """The reference with its files hashed (streamed: a file's bytes never sit in memory whole)."""
+    content = sha256_file(Path(ref.path)) if ref.is_video else ""
+    parts = [content] if ref.is_video else [sha256_file(Path(ref.path, f)) for f in ref.frames]
+    digest = _combine(ref, parts, [sha256_file(p) for p in ref.mask_paths()])
+    return dataclasses.replace(ref, digest=digest, content=content)
+
+
+# ---- decoding on the worker -----------------------------------------------------------------------
+
+class _Reader:
+    """Reads a reference's files once each, hashing what it reads so the digest can be checked at the end."""
+
+    def __init__(self, ref: SourceRef) -> None:
+        self.ref = ref
+        self.parts: list[str] = []
+
+    def frames(self, params: Any, found: VideoRead) -> Iterator[tuple[int, np.ndarray]]:
+        ref = self.ref
+        if ref.is_video:
+            self.parts = [self._video_content()]
+            yield from iter_video(Path(ref.path), params.start, params.stride, params.n_frames, ref.limits, found)
+            return
+        for i, name in zip(ref.index, ref.frames, strict=True):
+            data = self._read(Path(ref.path, name))
+            DECODE_STATS["frames"] += 1
+            yield i, read_image(Path(ref.path, name), limits=ref.limits, data=data)
+
+    def _video_content(self) -> str:
+        ref, path = self.ref, Path(self.ref.path)
+        if not ref.digest:
+            return ""
+        st = path.stat()
+        if st.st_size <= REHASH_VIDEO_BYTES:
+            return sha256_file(path)
+        if (st.st_size, st.st_mtime_ns) != tuple(ref.stat):  # too big to re-read: its stat stands for it
+            raise StageInputError(f"{path}: the file changed since planning (size or mtime); plan again")
+        return ref.content
+
+    def _read(self, path: Path) -> bytes:
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise StageInputError(f"{path}: file not found") from None
+        self.ref.limits.check_bytes(path, size, video=False)
+        data = path.read_bytes()
+        self.parts.append(hashlib.sha256(data).hexdigest() if self.ref.digest else "")
+        return data
+
+    def masks(self, index: list[int], available: int, size: tuple[int, int], params: Any) -> np.ndarray | None:
+        ref = self.ref
+        if ref.masks is None:
+            return None
+        paths = ref.mask_paths()
+        data = [self._read(p) for p in paths]
+        mask_digests, self.parts = self.parts[len(self.parts) - len(paths):], self.parts[:len(self.parts) - len(paths)]
+        if ref.digest and _combine(ref, self.parts, mask_digests) != ref.digest:
+            raise StageInputError(f"{ref.path}: the source changed since planning; plan again")
+        chosen = _mask_choice(Path(ref.masks), len(paths), index, available, not ref.mask_files)
+        picks = [0] if chosen is None else chosen
+        out = []
+        for i in picks:
+            m = read_image(paths[i], mask=True, limits=ref.limits, data=data[i])
+            if m.shape != size:
+                raise StageInputError(f"{paths[i]}: mask is {m.shape[1]}x{m.shape[0]}, frames are {size[1]}x{size[0]}")
+            if m.dtype != bool:  # object ids
+                m = m == params.mask_object_id if params.mask_object_id is not None else m > 0
+            out.append(m)
+        return np.stack(out)
+
+    def check(self) -> None:
+        """For a source without masks: the frames' digest (with masks, :meth:`masks` checks)."""
+        ref = self.ref
+        if ref.digest and ref.masks is None and _combine(ref, self.parts, []) != ref.digest:
+            raise StageInputError(f"{ref.path}: the source changed since planning; plan again")
+
+
+REHASH_VIDEO_BYTES = 64 << 20  # a video up to this size is re-hashed where it is decoded
+
+
+def _stream(ref: SourceRef, params: Any, each: Any) -> tuple[list[Any], list[int], np.ndarray | None, int]:
+    """Frames taken, each passed through ``each(frame, source_size)`` as it is decoded (one source frame in
+    memory at a time), their indices, the masks at source size and the frames the source has."""
+    reader = _Reader(ref)
+    found = VideoRead()
+    out: list[Any] = []
+    index: list[int] = []
+    first: tuple[int, ...] | None = None
+    for i, frame in reader.frames(params, found):
+        if first is None:
+            first = frame.shape
+        elif frame.shape != first:
+            names = (f" ({ref.frames[0]} is {first[1]}x{first[0]}, {ref.frames[len(index)]} differs)"
+                     if ref.frames else "")
+            raise StageInputError(f"{ref.path}: mixed frame sizes {sorted({first, frame.shape})}{names}")
+        out.append(each(frame, (frame.shape[1], frame.shape[0])))
+        index.append(i)
+    if not out:
+        raise StageInputError(f"{ref.path}: no frames decoded")
+    available = ref.available or found.seen
+    masks = reader.masks(index, available, first[:2], params) if ref.masks is not None else None
+    if masks is None:
+        reader.check()
+    return out, index, masks, available
+
+
+def decode(*, model: None, params: IngestParams, source: SourceRef | SourceClip) -> dict[str, np.ndarray]:
+    """The stage's backend: frames taken from the source, streamed onto the canvas."""
+    if isinstance(source, SourceClip):  # decoded already (tests, benches): taken as it is
+        return to_canvas(model=None, params=params, source_frames=source.frames,
+                         source_frame_index=source.frame_index, source_masks=source.masks)
+    geometry: dict[str, Any] = {}
+
+    def place(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        geometry.setdefault("g", canvas_geometry(size[0], size[1], params))
+        return warp_to_canvas(frame, geometry["g"])
+
+    frames, index, masks, _ = _stream(source, params, place)
+    out = {"frames": np.stack(frames).astype(np.uint8), "source_frame_index": np.asarray(index, dtype=np.int64)}
+    if masks is not None:
+        out["provided_masks"] = np.stack([warp_to_canvas(m, geometry["g"], is_mask=True) for m in masks])
+    return out
+
+
+def source_size(source: SourceRef | SourceClip) -> tuple[int, int]:
+    """(width, height) from the file's header (nothing decoded)."""
+    if isinstance(source, SourceClip):
+        return source.frames.shape[2], source.frames.shape[1]
+    if source.is_video:
+        return video_size(Path(source.path))
+    return image_size(Path(source.path, source.frames[0]))
+
+
+def _geometry_attrs(params: IngestParams, source: SourceRef | SourceClip, **_: Any) -> dict[str, Any]:
+    return {"geometry": canvas_geometry(*source_size(source), params)}
 
 
 STAGE = Stage(
     name="ingest",
-    version="1",
-    inputs=("source_frames", "source_frame_index", "source_masks"),
+    version="2",  # 2: decoded where it runs from a source reference; 16-bit and alpha images converted
+    inputs=("source",),
     outputs={
         "frames": ArraySpec(("frame", "y", "x", "channel"), "uint8"),
         "source_frame_index": ArraySpec(("frame",), "int64"),
         "provided_masks": ArraySpec(("mask_frame", "y", "x"), "bool"),
     },
     optional_outputs=("provided_masks",),
+    # Not a stage input: whether the source reference has masks (the planner asks the job's externals).
     output_needs_input={"provided_masks": "source_masks"},
     params=IngestParams,
-    backends={"decode": Backend("decode", to_canvas)},
+    backends={"decode": Backend("decode", decode, reads=("canvas", "width", "height", "n_frames", "start",
+                                                         "stride", "mask_object_id"))},
     default_backend="decode",
     doc="Source clip on the working canvas (squash, letterbox or crop), with the map back to the source.",
     attrs_fn=_geometry_attrs,
 )
 
 
-# ---- reading sources ------------------------------------------------------------------------------
+# ---- decoded at source resolution (tests, benches) ---------------------------------------------------
 
 @dataclass
 class SourceClip:
-    """Decoded source pixels: the external inputs of the ingest stage."""
+    """A source decoded at its own resolution (what :func:`read_source` gives)."""
 
     frames: np.ndarray  # [frame, y, x, 3] uint8 at source resolution
     frame_index: np.ndarray  # indices into the source sequence
     masks: np.ndarray | None  # [mask_frame, y, x] bool, mask_frame = frames or 1
-    available: int  # frames the source has
+    available: int  # frames the source has (a video stopped early: the frames decoded)
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        masks = self.masks if self.masks is not None else np.zeros((0, 0, 0), dtype=bool)
-        return {"source_frames": self.frames, "source_frame_index": self.frame_index, "source_masks": masks}
-
-
-def _numeric_key(path: Path) -> tuple[Any, ...]:
-    parts = re.split(r"(\d+)", path.stem)
-    return tuple(int(p) if p.isdigit() else p for p in parts) + (path.suffix,)
-
-
-def _selection(available: int, params: IngestParams, what: str) -> list[int]:
-    if available == 0:
-        raise StageInputError(f"{what}: no frames found")
-    if params.start >= available:
-        raise StageInputError(f"{what}: start={params.start} but the clip has only {available} frames")
-    if params.n_frames is None:
-        return list(range(params.start, available, params.stride))
-    last = params.start + (params.n_frames - 1) * params.stride
-    if last >= available:
-        raise StageInputError(
-            f"{what}: asked for {params.n_frames} frames (start {params.start}, stride {params.stride}, "
-            f"up to index {last}) but the clip has only {available} frames")
-    return list(range(params.start, last + 1, params.stride))
-
-
-def _image_files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise StageInputError(f"{folder}: not a folder")
-    files = []
-    for p in sorted(folder.iterdir(), key=_numeric_key):
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
-            files.append(p)
-        elif p.is_file():
-            log.warning("%s: skipping %s (not an image)", folder, p.name)
-    if not files:
-        raise StageInputError(f"{folder}: empty folder (no image files)")
-    return files
-
-
-def _read_image(path: Path, *, mask: bool = False) -> np.ndarray:
-    """RGB uint8; with ``mask``: a bool mask (grey >= 128) or, for palette PNGs, the object ids."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if not mask:
-                return np.asarray(im.convert("RGB"))
-            if im.mode == "P":  # DAVIS annotations: pixel value = object id
-                return np.asarray(im).astype(np.int64)
-            return np.asarray(im.convert("L")) >= 128
-    except FileNotFoundError:
-        raise StageInputError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise StageInputError(f"{path}: unreadable or corrupt image ({exc})") from None
-
-
-def _read_video(path: Path, params: IngestParams) -> tuple[np.ndarray, list[int], int]:
-    import av
-
-    last = None if params.n_frames is None else params.start + (params.n_frames - 1) * params.stride
-    frames: list[np.ndarray] = []
-    count = 0
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise StageInputError(f"{path}: no video stream")
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            for frame in container.decode(stream):
-                if count >= params.start and (count - params.start) % params.stride == 0:
-                    frames.append(frame.to_ndarray(format="rgb24"))
-                count += 1
-                if last is not None and count > last:
-                    break
-    except StageInputError:
-        raise
-    except (av.error.FFmpegError, OSError, ValueError) as exc:
-        raise StageInputError(f"{path}: unreadable or corrupt video ({exc})") from None
-    index = _selection(count, params, str(path))  # raises "only N frames" when the clip is short
-    return _stack(frames[: len(index)], path), index, count
-
-
-def _stack(frames: list[np.ndarray], where: Path, names: list[str] | None = None) -> np.ndarray:
-    shapes = {f.shape for f in frames}
-    if len(shapes) > 1:
-        detail = ""
-        if names:
-            first = frames[0].shape
-            odd = next(n for n, f in zip(names, frames, strict=True) if f.shape != first)
-            detail = f" ({names[0]} is {first[1]}x{first[0]}, {odd} differs)"
-        raise StageInputError(f"{where}: mixed frame sizes {sorted(shapes)}{detail}")
-    return np.stack(frames)
-
-
-def _davis_paths(path: Path) -> tuple[Path, Path | None] | None:
-    """``<root>/JPEGImages/<res?>/<name>`` layout: the frames folder and its Annotations twin."""
-    parts = path.parts
-    if "JPEGImages" not in parts:
-        return None
-    i = parts.index("JPEGImages")
-    ann = Path(*parts[:i], "Annotations", *parts[i + 1:])
-    return path, ann if ann.is_dir() else None
-
-
-def _read_masks(source: Path, index: list[int], available: int, size: tuple[int, int],
-                params: IngestParams) -> np.ndarray:
-    if not source.exists():
-        raise StageInputError(f"{source}: masks not found")
-    files = [source] if source.is_file() else _image_files(source)
-    if len(files) == 1:
-        chosen = files if index[0] == 0 or source.is_file() else None
-        if chosen is None:
-            raise StageInputError(f"{source}: one mask given (frame 0) but the clip starts at frame {index[0]}")
-    elif len(files) >= available:
-        chosen = [files[i] for i in index]
-    else:
-        raise StageInputError(f"{source}: {len(files)} masks for {available} frames "
-                              "(give one per frame, or one for frame 0)")
-    masks = []
-    for f in chosen:
-        m = _read_image(f, mask=True)
-        if m.shape != size:
-            raise StageInputError(f"{f}: mask is {m.shape[1]}x{m.shape[0]}, frames are {size[1]}x{size[0]}")
-        if m.dtype != bool:  # object ids
-            m = m == params.mask_object_id if params.mask_object_id is not None else m > 0
-        masks.append(m)
-    return np.stack(masks)
+    def arrays(self) -> dict[str, Any]:
+        """The ingest stage's inputs: the clip as its source (``STAGE.run(clip.arrays(), params)``)."""
+        return {"source": self}
 
 
 def read_source(path: str | os.PathLike[str], params: IngestParams | None = None,
-                masks: str | os.PathLike[str] | None = None) -> SourceClip:
+                masks: str | os.PathLike[str] | None = None, *, limits: DecodeLimits | None = None) -> SourceClip:
     """Decode the frames (and masks) that ``params`` selects; clear errors name the file."""
     params = params or IngestParams()
-    src = Path(path).expanduser()
-    if not src.exists():
-        raise StageInputError(f"{src}: no such file or folder")
-    if src.is_file():
-        if src.suffix.lower() not in VIDEO_SUFFIXES:
-            raise StageInputError(f"{src}: not a video ({', '.join(sorted(VIDEO_SUFFIXES))}) or a frame folder")
-        frames, index, available = _read_video(src, params)
-        ann = None
-    else:
-        davis = _davis_paths(src)
-        ann = davis[1] if davis else None
-        files = _image_files(src)
-        available = len(files)
-        index = _selection(available, params, str(src))
-        chosen = [files[i] for i in index]
-        frames = _stack([_read_image(f) for f in chosen], src, [f.name for f in chosen])
-    mask_src = Path(masks).expanduser() if masks else ann
-    mask_arr = None
-    if mask_src is not None:
-        mask_arr = _read_masks(mask_src, index, available, frames.shape[1:3], params)
-    return SourceClip(frames=frames, frame_index=np.asarray(index, dtype=np.int64), masks=mask_arr,
+    ref = source_ref(path, params, masks, limits=limits, hashed=False)
+    frames, index, mask_arr, available = _stream(ref, params, lambda f, _: f)
+    return SourceClip(frames=np.stack(frames), frame_index=np.asarray(index, dtype=np.int64), masks=mask_arr,
                       available=available)

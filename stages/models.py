@@ -182,3 +182,219 @@ def fetchable(name: str) -> bool:
     """Whether ``v2v models fetch NAME`` can bring model ``name`` (only then may a message suggest it)."""
     spec = MODELS.get(ALIASES.get(name, name))
     return spec is not None and spec.fetchable
+
+
+# ---- checking a weights folder or file before any compute ------------------------------------------
+
+_WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")  # diffusers, transformers (new, old)
+_TOKENIZER_FILES = ("tokenizer.json",), ("vocab.json", "merges.txt")  # fast, or slow (CLIP BPE)
+# Ctrl-Adapter config keys of a non-published width (tiny test models): shapes then come from the config.
+_ADAPTER_WIDTH_KEYS = ("down_channels", "mid_channels", "attention_head_dim", "inner_heads")
+
+
+def _rel(path: Path, root: Path) -> str:
+    return str(path.relative_to(root)) if path != root and path.is_relative_to(root) else path.name
+
+
+def _tensor_file(file: Path, root: Path) -> tuple[dict[str, tuple[int, ...]] | None, list[str]]:
+    """Shapes in one weights file (or each shard of an index), or the problem reading it."""
+    from stages.nets import signatures
+
+    files = [file]
+    if file.name.endswith(".index.json"):
+        try:
+            shards = sorted(set(json.loads(file.read_text())["weight_map"].values()))
+        except (KeyError, ValueError, AttributeError):
+            return None, [f"{_rel(file, root)}: not a weights index (no weight_map)"]
+        files = [file.parent / s for s in shards]
+        missing = [_rel(f, root) for f in files if not f.is_file()]
+        if missing:
+            return None, [f"missing shard {m}" for m in missing]
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        try:
+            shapes.update(signatures.file_shapes(f))
+        except signatures.UnreadableWeights as exc:
+            return None, [f"{_rel(f.parent, root)}/{exc}" if f.parent != root else str(exc)]
+    return shapes, []
+
+
+def _weights_in(folder: Path, root: Path) -> tuple[dict[str, tuple[int, ...]] | None, list[str]]:
+    """The model weights of a diffusers/transformers folder, as ``from_pretrained`` (no variant) finds them."""
+    for stem in _WEIGHT_STEMS:
+        for suffix in (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json"):
+            if (folder / f"{stem}{suffix}").is_file():
+                return _tensor_file(folder / f"{stem}{suffix}", root)
+    return None, [f"missing {_rel(folder, root)}/diffusion_pytorch_model.safetensors or model.safetensors "
+                  "(no weights file)"]
+
+
+def _component(folder: Path, root: Path, kind: str) -> list[str]:
+    """A pipeline component folder: ``model`` (config + weights), ``tokenizer``, ``scheduler``, ``processor``."""
+    name = _rel(folder, root)
+    if not folder.is_dir():
+        return [f"missing folder {name}/"]
+    if kind == "tokenizer":
+        problems = [] if (folder / "tokenizer_config.json").is_file() else [f"missing {name}/tokenizer_config.json"]
+        if not any(all((folder / f).is_file() for f in files) for files in _TOKENIZER_FILES):
+            problems.append(f"missing {name}/vocab.json + merges.txt (or tokenizer.json)")
+        return problems
+    config = {"scheduler": "scheduler_config.json", "processor": "preprocessor_config.json"}.get(kind, "config.json")
+    if not (folder / config).is_file():
+        return [f"missing {name}/{config}"]
+    return _weights_in(folder, root)[1] if kind == "model" else []
+
+
+def _kind(class_name: str) -> str:
+    if "Tokenizer" in class_name:
+        return "tokenizer"
+    if "Scheduler" in class_name:
+        return "scheduler"
+    return "processor" if "Processor" in class_name or "FeatureExtractor" in class_name else "model"
+
+
+def _pipeline(folder: Path, root: Path, skip: tuple[str, ...] = ("safety_checker",),
+              only: tuple[str, ...] | None = None) -> list[str]:
+    """A diffusers pipeline folder: ``model_index.json`` and every component it lists (but ``skip``)."""
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        return [f"missing {_rel(index_path, root)} (not a diffusers pipeline folder)"]
+    try:
+        index = json.loads(index_path.read_text())
+    except ValueError:
+        return [f"{_rel(index_path, root)} is not valid JSON"]
+    problems: list[str] = []
+    for name, entry in index.items():
+        if name.startswith("_") or name in skip or (only is not None and name not in only):
+            continue
+        if isinstance(entry, list) and len(entry) == 2 and entry[1]:
+            problems += _component(folder / name, root, _kind(str(entry[1])))
+    return problems
+
+
+def _network_file(path: Path, name: str, strip_prefix: str = "") -> list[str]:
+    """A network checkpoint file against its shipped signature (keys and shapes)."""
+    from stages.nets import signatures
+
+    if not path.is_file():
+        return [f"{path} is not a file (the {name} checkpoint file is expected)"]
+    try:
+        found = signatures.file_shapes(path)
+    except signatures.UnreadableWeights as exc:
+        return [str(exc)]
+    expected = signatures.signature(name)
+    return [] if expected is None else signatures.compare(found, expected, path.name, strip_prefix)
+
+
+def _ctrl_adapter(folder: Path, root: Path) -> list[str]:
+    name = _rel(folder, root)
+    if not (folder / "config.json").is_file():
+        return [f"missing {name}/config.json"] if folder.is_dir() else [f"missing folder {name}/"]
+    found, problems = _weights_in(folder, root)
+    if found is None:
+        return problems
+    from stages.nets import signatures
+
+    config = json.loads((folder / "config.json").read_text())
+    if any(config.get(k) is not None for k in _ADAPTER_WIDTH_KEYS):  # another width: shapes from its config
+        import torch
+
+        from stages.nets.ctrl_adapter import CtrlAdapter, CtrlAdapterConfig
+
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in CtrlAdapter(CtrlAdapterConfig.from_dict(config))
+                        .state_dict().items()}
+    else:
+        expected = signatures.signature("ctrl_adapter") or {}
+    return signatures.compare(found, expected, name)
+
+
+def _cig(root: Path) -> list[str]:
+    base = "i2vgenxl"
+    parts = {"unet": "model", "vae": "model", "text_encoder": "model", "tokenizer": "tokenizer",
+             "image_encoder": "model", "feature_extractor": "processor", "scheduler": "scheduler"}
+    problems = [p for sub, kind in parts.items() for p in _component(root / base / sub, root, kind)]
+    problems += _component(root / "controlnet-depth", root, "model")
+    problems += _ctrl_adapter(root / "ctrl-adapter-i2vgenxl-depth", root)
+    problems += _component(root / "stable-diffusion-v1.5" / "text_encoder", root, "model")
+    problems += _component(root / "stable-diffusion-v1.5" / "tokenizer", root, "tokenizer")
+    return problems
+
+
+def _sketch(root: Path) -> list[str]:
+    from stages.edit import _sketch_folders
+
+    try:
+        base, controlnet = _sketch_folders(root)
+    except MissingWeightsError as exc:
+        return [str(exc)]
+    if controlnet is None:
+        return _pipeline(base, root)
+    return _pipeline(base, root, skip=("safety_checker", "controlnet")) + _component(controlnet, root, "model")
+
+
+def _dpt(path: Path) -> list[str]:
+    if path.is_file():  # MiDaS dpt_swin2_large_384.pt
+        return _network_file(path, "midas_dpt_swin2_large_384")
+    return _component(path, path, "model")
+
+
+def _clip_folder(folder: Path, root: Path) -> list[str]:
+    return (_component(folder, root, "model") + _component(folder, root, "tokenizer")
+            + _component(folder, root, "processor"))
+
+
+def _learned_bundle(root: Path) -> list[str]:
+    from stages.nets.eval_models import CLIP_DIR, DOVER_FILE, I3D_FILE
+
+    parts = [root / CLIP_DIR, root / DOVER_FILE, root / I3D_FILE]
+    if not any(p.exists() for p in parts):
+        return [f"{root} holds none of {CLIP_DIR}/, {DOVER_FILE}, {I3D_FILE}"]
+    problems = _clip_folder(parts[0], root) if parts[0].exists() else []
+    return problems + [f"{_rel(p, root)} is empty" for p in parts[1:] if p.is_file() and p.stat().st_size == 0]
+
+
+def _onnx_file(path: Path) -> list[str]:
+    return [] if path.is_file() and path.stat().st_size > 0 else [f"{path} is not a non-empty ONNX file"]
+
+
+def _folder(check: Callable[[Path], list[str]]) -> Callable[[Path], list[str]]:
+    return lambda p: check(p) if p.is_dir() else [f"{p} is not a folder"]
+
+
+_EDIT_PIPE = _folder(lambda p: _pipeline(p, p))
+_PBE_PARTS = ("vae", "image_encoder", "unet", "scheduler", "feature_extractor")  # what its loader reads
+WEIGHT_CHECKS: dict[tuple[str, str], Callable[[Path], list[str]]] = {
+    ("generate", "i2vgenxl"): _folder(_cig),
+    ("edit", "instructpix2pix"): _EDIT_PIPE,
+    ("edit", "sd-inpaint"): _EDIT_PIPE,
+    ("edit", "paint-by-example"): _folder(lambda p: _pipeline(p, p, only=_PBE_PARTS)),
+    ("edit", "sketch"): _folder(_sketch),
+    ("flow", "raft"): lambda p: _network_file(p, "raft", strip_prefix="module."),
+    ("refine", "rfc-net"): lambda p: _network_file(p, "depthnet"),
+    ("source_masks", "u2net"): lambda p: _network_file(p, "u2net"),
+    ("shape_mask", "u2net"): lambda p: _network_file(p, "u2net"),
+    ("source_masks", "isnet"): _onnx_file,
+    ("shape_mask", "isnet"): _onnx_file,
+    ("depth", "dpt"): _dpt,
+    ("evaluate", "clip"): _folder(lambda p: _clip_folder(p, p)),
+    ("evaluate", "learned"): _folder(_learned_bundle),
+}
+
+
+def check_weights(stage: str, backend: str, path: str | os.PathLike[str]) -> list[str]:
+    """What is wrong with ``path`` as the weights of ``stage``'s ``backend``: empty when nothing is.
+
+    Cheap and before any compute (the planner and ``v2v models check``): the published layout (subfolders,
+    configs, tokenizer files, a complete weights file per model; safetensors headers are read, torch
+    checkpoints memory-mapped) and, for the networks, the state-dict keys and shapes against the shipped
+    signatures (``stages/nets/signatures``). Each problem names the missing or wrong piece. Backends that
+    load no weights have nothing to check.
+    """
+    check = WEIGHT_CHECKS.get((stage, backend))
+    if check is None:
+        return []
+    p = Path(path).expanduser()
+    if not p.exists():
+        return [f"{p} does not exist"]
+    return check(p)

@@ -16,6 +16,11 @@ of them back), so ``isa.npz`` is reproduced exactly:
 * ``pairing`` -- F_t lives on frame t+1's grid. Default "grid": m_t = mean of F_t over O_{t+1}, pasted over
   P_t and over P_t moved by m_t (where the shape lands); "reference": mean over O_t, pasted over P_t only,
   so the paste margin is eaten at |m_t| px per frame on the leading side.
+* ``estimate`` -- default "register": m_t is the mean flow unless that leaves O_t clearly misaligned with
+  O_{t+1} while a shift lines them up; then the source mask registered onto O_{t+1} (signed distances,
+  against frame 0's mask). Optical flow collapses inside objects without texture (a flat disc moving 10 px
+  per frame over texture: DIS averages ~2 px inside it) while the masks still move the whole way; a
+  deforming animal keeps its flow. "flow-mean" (reference): the mean flow only.
 * ``accumulate`` -- default "compose": S_t and P_t are S_0 and P_0 moved by the summed mean motion,
   resampled once per frame (motion pasting moves the whole new shape with the mean motion); "iterate"
   (reference): warp the previous binary masks with F'_t and re-threshold every step. Iterating drifts by
@@ -56,6 +61,10 @@ class MotionParams(Params):
     pairing: Literal["grid", "reference"] = Field(
         "grid", description="F_t lives on frame t+1's grid: 'grid' averages it over O_{t+1} and pastes the "
                             "mean over P_t plus P_t moved by it; 'reference' uses O_t and P_t as they are")
+    estimate: Literal["register", "flow-mean"] = Field(
+        "register", description="m_t: 'register' = the mean flow, or the source masks registered where the "
+                                "flow leaves them misaligned (it collapses inside objects without texture); "
+                                "'flow-mean' (reference) = the mean flow only")
     accumulate: Literal["compose", "iterate"] = Field(
         "compose", description="'compose': chain the flows and resample S_0/P_0 once per frame; 'iterate' "
                                "(reference): resample and re-threshold the previous mask every step")
@@ -74,7 +83,7 @@ class MotionParams(Params):
     def reference(cls, kernel: tuple[int, int] = (9, 1)) -> MotionParams:
         """Every switch at the reference's behaviour; ``kernel`` = (--kernel-size, --dilation-iteration)."""
         return cls(shrink_only=True, grid="reference", pairing="reference", accumulate="iterate",
-                   reference_kernel=kernel)
+                   estimate="flow-mean", reference_kernel=kernel)
 
 
 @dataclass
@@ -123,6 +132,108 @@ def mean_flow(flow: np.ndarray, mask: np.ndarray) -> np.ndarray:
     if area == 0:
         return np.zeros(2, np.float32)
     return (flow[mask].astype(np.float64).sum(axis=0) / area).astype(np.float32)
+
+
+# The mean flow is kept while the RMS misalignment of O_t moved by it onto O_{t+1} stays within this factor
+# (plus px) of the best shift's: a rigid object's rasterised masks line up to ~0.3 px, so a flow off by half a
+# pixel a step is overruled; a deforming animal's line up to ~1.5 px with any shift, and its flow, 0.1-0.25 px
+# worse, follows the body where the best shift does not (the bear: 1 px a step apart).
+FLOW_TRUST_RATIO, FLOW_TRUST_PX = 1.25, 0.05
+ANCHOR_AGREE_PX = 1.0  # the frame-0 registration replaces the chained steps only within this of them
+SDF_CLIP_PX = 6.0  # the masks' signed distances are compared within this band around their boundaries
+
+
+def _clipped_sdf(mask: np.ndarray, clip: float) -> tuple[np.ndarray, int, int]:
+    """Signed distance to the boundary (inside > 0), clipped to ±clip, float64, on the mask's bounding box
+    grown by the clip (beyond it the value is -clip anyway); returns it and the box's top-left (x, y)."""
+    ys, xs = np.nonzero(mask)
+    pad = int(np.ceil(clip)) + 2
+    y0, x0 = max(int(ys.min()) - pad, 0), max(int(xs.min()) - pad, 0)
+    crop = mask[y0:int(ys.max()) + pad + 1, x0:int(xs.max()) + pad + 1]
+    sdf = _dist(crop).astype(np.float64) - _dist(~crop).astype(np.float64)
+    return np.clip(sdf, -clip, clip), x0, y0
+
+
+def centroid_shift(prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
+    """Backward shift between the masks' centroids (both non-empty)."""
+    py, px = np.nonzero(prev)
+    ny, nx = np.nonzero(nxt)
+    return np.array([px.mean() - nx.mean(), py.mean() - ny.mean()])
+
+
+def register_masks(prev: np.ndarray, nxt: np.ndarray, starts: list[np.ndarray], iterations: int = 8
+                   ) -> tuple[np.ndarray, float, list[float]]:
+    """The backward shift m that lines ``prev`` up with ``nxt`` best: ``prev(p + m) ~ nxt(p)``.
+
+    Cost: the variance, over the band around ``nxt``'s boundary, of the difference of the two masks'
+    signed distances with ``prev``'s shifted by m (a variance, not a mean square: an object that grew or
+    shrank differs by about a constant there, and it is matched all around, i.e. at its centre). Of the
+    ``starts`` the cheapest is refined by Gauss-Newton (Lucas-Kanade on the signed distances), each step
+    kept only if it lowers the cost. Sub-pixel on a translated mask whatever its texture. Both masks
+    non-empty. Returns the shift, its cost and the starts' costs (px², the squared RMS misfit).
+    """
+    # The band must be wider than the change of size, or a grown object's boundaries never meet its old ones.
+    clip = SDF_CLIP_PX + 2 * abs(np.sqrt(prev.sum() / np.pi) - np.sqrt(nxt.sum() / np.pi))
+    (dp, px0, py0), (dn, nx0, ny0) = _clipped_sdf(prev, clip), _clipped_sdf(nxt, clip)
+    h, w = dp.shape
+    gy, gx = np.gradient(dp)
+    stack = np.stack([dp, gx, gy])
+    band_y, band_x = np.nonzero(np.abs(dn) < clip)  # fixed pixels: the costs of all shifts compare
+    target = dn[band_y, band_x]
+    # Positions in prev's box of the band's pixels (shifted by m below).
+    gridx, gridy = (band_x + nx0 - px0).astype(np.float64), (band_y + ny0 - py0).astype(np.float64)
+
+    def residual(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        # Bilinear; beyond the box its edge's values (-clip, or the image edge's: zero padding there would
+        # be a false boundary).
+        x, y = np.clip(gridx + m[0], 0, w - 1), np.clip(gridy + m[1], 0, h - 1)
+        x0, y0 = np.minimum(x.astype(np.intp), w - 2), np.minimum(y.astype(np.intp), h - 2)
+        fx, fy = x - x0, y - y0
+        s = (stack[:, y0, x0] * ((1 - fx) * (1 - fy)) + stack[:, y0, x0 + 1] * (fx * (1 - fy))
+             + stack[:, y0 + 1, x0] * ((1 - fx) * fy) + stack[:, y0 + 1, x0 + 1] * (fx * fy))
+        r = s[0] - target
+        r = r - r.mean()  # the free constant offset
+        return r, s[1] - s[1].mean(), s[2] - s[2].mean(), float((r**2).mean())
+
+    starts = [np.asarray(m, np.float64) for m in starts]
+    costs = [residual(m)[3] for m in starts]
+    start_costs = list(costs)
+    m = starts[int(np.argmin(costs))].copy()
+    best, best_cost = m.copy(), min(costs)
+    for _ in range(iterations):
+        r, jx, jy, _ = residual(m)
+        a = np.array([[jx @ jx, jx @ jy], [jx @ jy, jy @ jy]])
+        if abs(np.linalg.det(a)) < 1e-9:
+            break
+        step = -np.linalg.solve(a, np.array([jx @ r, jy @ r]))
+        m = m + np.clip(step, -2.0, 2.0)  # the band is a few px wide: no wild jumps
+        cost = residual(m)[3]
+        if cost < best_cost:
+            best, best_cost = m.copy(), cost
+        if np.abs(step).max() < 1e-3:
+            break
+    return best, best_cost, start_costs
+
+
+def _registered_step(masks: np.ndarray, t: int, flow_mean: np.ndarray, shift0: np.ndarray) -> np.ndarray:
+    """m_t for ``estimate="register"`` (masks t and t+1 non-empty, ``shift0``: the motion summed so far).
+
+    The mean flow, unless it leaves O_t clearly worse aligned with O_{t+1} than the best shift does (see
+    ``FLOW_TRUST_RATIO``): flow collapses inside objects without texture, while a deforming animal's mask
+    lines up hardly better with any one shift than with its flow, and its flow follows the body. When the
+    flow is overruled: the best shift, or, within ``ANCHOR_AGREE_PX`` of the steps chained so far, the
+    shift registered against frame 0's mask (the one S_0 is placed by: no error adds up over the clip).
+    """
+    starts = [flow_mean, centroid_shift(masks[t], masks[t + 1])]
+    local, cost, (flow_cost, _) = register_masks(masks[t], masks[t + 1], starts)
+    if np.sqrt(flow_cost) <= FLOW_TRUST_RATIO * np.sqrt(cost) + FLOW_TRUST_PX:
+        return flow_mean
+    chained = shift0 + local
+    if masks[0].any():
+        total, _, _ = register_masks(masks[0], masks[t + 1], [chained, centroid_shift(masks[0], masks[t + 1])])
+        if np.abs(total - chained).max() <= ANCHOR_AGREE_PX:
+            chained = total
+    return (chained - shift0).astype(np.float32)
 
 
 def sample_bilinear(images: np.ndarray, ix: np.ndarray, iy: np.ndarray) -> np.ndarray:
@@ -209,12 +320,15 @@ def simulate_motion(object_masks: np.ndarray, flows: np.ndarray, edited_shape: n
     pastes[0] = paste_region(edited_shape, params)
     first = np.stack([pastes[0], shapes[0]]).astype(np.float64)
     total = np.zeros(2, np.float64)  # "compose": summed mean motion, from frame t+1's grid back to frame 0
+    shift0 = np.zeros(2, np.float64)  # the same, kept for "register" whatever the accumulation
     for t in range(n - 1):
+        means[t] = mean_flow(flows[t], object_masks[t if params.pairing == "reference" else t + 1])
+        if params.estimate == "register" and object_masks[t].any() and object_masks[t + 1].any():
+            means[t] = _registered_step(object_masks, t, means[t], shift0)
+        shift0 += means[t]
         if params.pairing == "reference":
-            means[t] = mean_flow(flows[t], object_masks[t])
             footprint = pastes[t]
         else:
-            means[t] = mean_flow(flows[t], object_masks[t + 1])
             # Where the paste region lands on frame t+1's grid (any overlap counts), plus where it was.
             const = np.broadcast_to(means[t], (h, w, 2))
             moved = backward_warp(pastes[t][None], const, params.grid)[0] > 0
@@ -249,7 +363,9 @@ def motion_stage(*, model: None, params: MotionParams, object_masks: np.ndarray,
 
 STAGE = Stage(
     name="motion",
-    version="2",  # 2: "compose" moves S_0/P_0 by the summed mean motion (no slivers behind the shape)
+    # 2: "compose" moves S_0/P_0 by the summed mean motion (no slivers behind the shape);
+    # 3: m_t registered from the source masks where the mean flow does not line them up (flat objects)
+    version="3",
     inputs=("object_masks", "flows", "edited_shape"),
     outputs={
         "shape_masks": ArraySpec(("frame", "y", "x"), "bool"),
@@ -257,7 +373,10 @@ STAGE = Stage(
         "simulated_flows": ArraySpec(("pair", "y", "x", "component"), "float32"),
     },
     params=MotionParams,
-    backends={"mean-flow": Backend("mean-flow", motion_stage)},
+    # The backend's name predates ``estimate``: it is motion pasting, m_t estimated as ``estimate`` says.
+    backends={"mean-flow": Backend("mean-flow", motion_stage, reads=(
+        "paste_margin_px", "paste_closing_px", "shrink_only", "grid", "pairing", "estimate", "accumulate",
+        "reference_kernel"))},
     default_backend="mean-flow",
     doc="Carry the edited shape through the clip with the source object's mean motion (motion pasting).",
 )

@@ -3,8 +3,9 @@
 Backends:
 
 * ``provided``: the user's masks, one per frame (ingest's ``provided_masks``).
-* ``track`` (weight-free default): the frame-0 mask carried through the clip with the flows and re-fitted
-  to each frame so that it does not drift (see :func:`track_masks`).
+* ``track`` (weight-free default): the frame-0 mask carried through the clip with the flows, or where the
+  object's colours went where the flow cannot see it (objects without texture), and re-fitted to each
+  frame so that it does not drift (see :func:`track_masks`).
 * ``isnet`` / ``u2net``: a salient-object model on every frame (the reference uses U2-Net), threshold 0.5
   (U2-Net after the reference's per-image min-max).
 """
@@ -20,6 +21,7 @@ from pydantic import Field
 from stages.base import ArraySpec, Backend, Params, Stage, StageInputError
 from stages.flow import dis_engine, warp_backward
 from stages.metrics import iou
+from stages.register import register_object
 
 
 class SourceMaskParams(Params):
@@ -37,6 +39,11 @@ class SourceMaskParams(Params):
         True, description="also move the mask rigidly by where the object's colours went (masked template "
                           "match) and keep that where it explains the frame better than the optical flow: flow "
                           "collapses inside objects without texture")
+    track_rigid_sigma: float = Field(1.0, gt=0, description="track_prior_sigma where the registered placement "
+                                                            "carried the mask (its boundary is surer)")
+    track_rigid_smooth_radius: int = Field(
+        0, ge=0, description="track_smooth_radius there: snapping an exact boundary to the edges of a textured "
+                             "background only moves it off (a hard-edged flat star: IoU 1.00 -> 0.88)")
     track_search_px: int = Field(24, ge=1, le=256, description="register: search radius around the "
                                                                "constant-velocity guess, px")
 
@@ -143,78 +150,35 @@ def _misfit(source: np.ndarray, flow: np.ndarray, target: np.ndarray, region: np
     return float(np.abs(warped[region] - target[region].astype(np.float32)).mean())
 
 
-def _ccorr(image: np.ndarray, templ: np.ndarray) -> np.ndarray:
-    return cv2.matchTemplate(np.ascontiguousarray(image, np.float32), np.ascontiguousarray(templ, np.float32),
-                             cv2.TM_CCORR)
-
-
-def _parabola(c_minus: float, c0: float, c_plus: float) -> float:
-    """Offset (-0.5..0.5) of the vertex of the parabola through three costs around a minimum."""
-    den = c_minus - 2 * c0 + c_plus
-    if not np.isfinite(den) or den <= 0:
-        return 0.0
-    return float(np.clip(0.5 * (c_minus - c_plus) / den, -0.5, 0.5))
-
-
-def register_object(prev: np.ndarray, mask: np.ndarray, frame: np.ndarray, guess: np.ndarray,
-                    search_px: int, min_visible: float = 0.5) -> np.ndarray | None:
-    """Forward displacement (x, y) of the object (``prev`` inside ``mask``) into ``frame``, sub-pixel.
-
-    Masked sum of squared colour differences over every shift within ``search_px`` of ``guess``, averaged
-    over the template pixels inside the frame (an object may leave the view); a parabola through the
-    minimum and its neighbours gives the fraction. Unlike optical flow it needs no texture inside the object:
-    a flat-coloured disc over texture has one sharp minimum, set by its boundary. None when the mask is
-    empty or no shift keeps ``min_visible`` of the object in view.
-    """
-    if not mask.any():
-        return None
-    ys, xs = np.nonzero(mask)
-    y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
-    th, tw = y1 - y0, x1 - x0
-    h, w = mask.shape
-    gy, gx = y0 + int(round(float(guess[1]))), x0 + int(round(float(guess[0])))  # guessed top-left
-    sy, ey = max(gy - search_px, -th + 1), min(gy + search_px, h - 1)
-    sx, ex = max(gx - search_px, -tw + 1), min(gx + search_px, w - 1)
-    if sy > ey or sx > ex:
-        return None
-    pad = ((th, th), (tw, tw), (0, 0))
-    img = np.pad(frame.astype(np.float32), pad)[sy + th:ey + 2 * th, sx + tw:ex + 2 * tw]
-    valid = np.pad(np.ones((h, w), np.float32), pad[:2])[sy + th:ey + 2 * th, sx + tw:ex + 2 * tw]
-    m = mask[y0:y1, x0:x1].astype(np.float32)
-    t = prev[y0:y1, x0:x1].astype(np.float32) * m[..., None]
-    visible = _ccorr(valid, m)
-    sq = (_ccorr((img * img).sum(-1) * valid, m) - 2 * _ccorr(img * valid[..., None], t)
-          + _ccorr(valid, (t * t).sum(-1)))
-    ok = visible >= min_visible * m.sum()
-    if not ok.any():
-        return None
-    cost = np.where(ok, np.maximum(sq, 0) / np.maximum(visible, 1.0), np.inf)
-    # Among equal costs (an object as flat as its surroundings) prefer the smallest change of velocity.
-    yy, xx = np.mgrid[sy:ey + 1, sx:ex + 1]
-    cost = cost + 1e-6 * ((yy - gy) ** 2 + (xx - gx) ** 2)
-    iy, ix = np.unravel_index(int(np.argmin(cost)), cost.shape)
-    fy = _parabola(cost[iy - 1, ix], cost[iy, ix], cost[iy + 1, ix]) if 0 < iy < cost.shape[0] - 1 else 0.0
-    fx = _parabola(cost[iy, ix - 1], cost[iy, ix], cost[iy, ix + 1]) if 0 < ix < cost.shape[1] - 1 else 0.0
-    return np.array([sx + ix + fx - x0, sy + iy + fy - y0], np.float64)
-
-
 def _best_motion(colour: list[np.ndarray], masks: np.ndarray, s: int, t: int, flow: np.ndarray,
-                 guess: np.ndarray, search_px: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Mask s carried onto frame t: by ``flow`` (backward, t -> s) or rigidly by the object's registered
-    displacement, whichever explains frame t better around the object. Returns the warped mask (float),
-    the flow that carried it and the registered displacement (None if registration found nothing)."""
+                 guess: tuple[np.ndarray, float], search_px: int
+                 ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, float] | None, bool]:
+    """Mask s carried onto frame t: by ``flow`` (backward, t -> s) or by the object's registered placement
+    (shift and scale), whichever explains frame t better around the object. ``guess``: the expected
+    displacement of the mask's centre and scale. Returns the warped mask (float), the flow that carried
+    it, the registered (displacement, scale) (None if registration found nothing), and whether the
+    placement won."""
     by_flow = warp_backward(masks[s], flow)
-    d = register_object(colour[s], masks[s], colour[t], guess, search_px)
-    if d is None:
-        return by_flow, flow, None
+    a = register_object(colour[s], masks[s], colour[t], guess[0], search_px, guess[1])
+    if a is None:
+        return by_flow, flow, None, False
     h, w = masks.shape[1:]
-    rigid = warp_backward(masks[s], np.broadcast_to(-d.astype(np.float32), (h, w, 2)), cv2.BORDER_CONSTANT)
+    ys, xs = np.nonzero(masks[s])
+    centre = np.array([xs.mean(), ys.mean()])
+    d = (a[:, :2] @ centre + a[:, 2] - centre, float(a[0, 0]))
+    # Backward flow of the placement on frame t's grid: p -> a^-1 p.
+    inv = cv2.invertAffineTransform(a)
+    gx, gy = np.meshgrid(np.arange(w, dtype=np.float64), np.arange(h, dtype=np.float64))
+    placed = np.stack([inv[0, 0] * gx + inv[0, 1] * gy + inv[0, 2] - gx,
+                       inv[1, 0] * gx + inv[1, 1] * gy + inv[1, 2] - gy], -1).astype(np.float32)
+    rigid = warp_backward(masks[s], placed, cv2.BORDER_CONSTANT)
     region = cv2.dilate(((rigid > 0.5) | (by_flow > 0.5)).astype(np.uint8), _disk(3)) > 0
+    inside = rigid > 0.5  # not beyond: the background around the object does not move with it
     rigid_flow = flow.copy()
-    rigid_flow[cv2.dilate((rigid > 0.5).astype(np.uint8), _disk(2)) > 0] = -d
+    rigid_flow[inside] = placed[inside]
     if _misfit(colour[s], rigid_flow, colour[t], region) < _misfit(colour[s], flow, colour[t], region):
-        return rigid, rigid_flow, d
-    return by_flow, flow, d
+        return rigid, rigid_flow, d, True
+    return by_flow, flow, d, False
 
 
 def track_masks(frames: np.ndarray, mask0: np.ndarray, flows: np.ndarray,
@@ -227,6 +191,11 @@ def track_masks(frames: np.ndarray, mask0: np.ndarray, flows: np.ndarray,
     1. shape prior: the mean of two warps, the chained one (mask t-1 along ``flows[t-1]``) and a direct
        one from an anchor frame ``a = max(0, t - anchor_gap)`` (mask a along a DIS flow t -> a computed
        here; for t <= gap the anchor is the given frame-0 mask itself, so errors do not accumulate).
+       With ``register``, each warp may instead be the mask moved where the object's colours went
+       (:func:`stages.register.register_object`: shift and scale), where that explains frame t better
+       than the flow around the object: inside a flat-coloured object flow collapses (a disc sliding
+       10 px per frame: ~2 px), the chained warp lags and the mask slides off the object. A registered
+       prior's boundary is surer: ``rigid_sigma`` and ``rigid_smooth_radius`` replace the two below.
        A flow over several frames fails on small fast objects (the demo ball, 15 px per frame on the 512²
        canvas, is 60-120 px from its anchor): when the two warps overlap by less than ``anchor_agree``
        (IoU), only the one whose warped frame matches frame t better inside its mask is kept.
@@ -237,7 +206,7 @@ def track_masks(frames: np.ndarray, mask0: np.ndarray, flows: np.ndarray,
        (7 px by default): colour corrects the warp locally, it never invents a far-away region;
     3. edge-aware smoothing of the score (guided filter on the frame) so the boundary snaps to edges.
 
-    mask_t = score > 0. Deterministic; ~0.1-0.2 s per 512² frame.
+    mask_t = score > 0. Deterministic; ~0.2-0.4 s per 512² frame (registration: about half of it).
     """
     p = params or SourceMaskParams()
     n = frames.shape[0]
@@ -249,35 +218,40 @@ def track_masks(frames: np.ndarray, mask0: np.ndarray, flows: np.ndarray,
     dis = dis_engine("medium")
     grey = [cv2.cvtColor(np.ascontiguousarray(f), cv2.COLOR_RGB2GRAY) for f in frames]
     colour = [f.astype(np.float32) for f in frames] if p.track_register else []
-    # Registered displacement of the object from frame t-1 to t, summed from frame 0 (x, y).
-    path = np.zeros((n, 2), np.float64)
-    velocity = np.zeros(2, np.float64)
+    # Registered motion of the object's mask from frame t-1 to t (centre displacement x, y; scale) and its
+    # sum from frame 0: the guesses for the next frame and for the anchor.
+    path, path_scale = np.zeros((n, 2), np.float64), np.ones(n, np.float64)
+    velocity: tuple[np.ndarray, float] = (np.zeros(2, np.float64), 1.0)
     for t in range(1, n):
-        prior, prior_flow = warp_backward(masks[t - 1], flows[t - 1]), flows[t - 1]
+        prior, prior_flow, rigid = warp_backward(masks[t - 1], flows[t - 1]), flows[t - 1], False
         if p.track_register:
-            prior, prior_flow, d = _best_motion(colour, masks, t - 1, t, flows[t - 1], velocity,
+            prior, prior_flow, d, rigid = _best_motion(colour, masks, t - 1, t, flows[t - 1], velocity,
                                                 p.track_search_px)
             velocity = velocity if d is None else d
-        path[t] = path[t - 1] + velocity
+        path[t], path_scale[t] = path[t - 1] + velocity[0], path_scale[t - 1] * velocity[1]
         a = max(0, t - p.track_anchor_gap)
         if a < t - 1 and masks[a].any():
             direct_flow = dis.calc(grey[t], grey[a], None)
             direct = warp_backward(masks[a], direct_flow)
+            direct_rigid = False
             if p.track_register:
-                direct, direct_flow, _ = _best_motion(colour, masks, a, t, direct_flow, path[t] - path[a],
-                                                      p.track_search_px)
+                guess = (path[t] - path[a], path_scale[t] / path_scale[a])
+                direct, direct_flow, _, direct_rigid = _best_motion(colour, masks, a, t, direct_flow, guess,
+                                                                    p.track_search_px)
             if iou(prior > 0.5, direct > 0.5) >= p.track_anchor_agree:
-                prior = 0.5 * prior + 0.5 * direct
+                prior, rigid = 0.5 * prior + 0.5 * direct, rigid and direct_rigid
             elif (_misfit(grey[a], direct_flow, grey[t], direct > 0.5)
                   < _misfit(grey[t - 1], prior_flow, grey[t], prior > 0.5)):
-                prior = direct
+                prior, rigid = direct, direct_rigid
         prior_mask = prior > 0.5
         if not prior_mask.any():
             continue  # the object left the frame: it stays empty
-        score = np.clip(_signed_distance(prior_mask) / p.track_prior_sigma, -6.0, 6.0)
+        sigma = p.track_rigid_sigma if rigid else p.track_prior_sigma
+        score = np.clip(_signed_distance(prior_mask) / sigma, -6.0, 6.0)
         score += p.track_colour_weight * colour_llr(frames[t], colours)
-        if p.track_smooth_radius:
-            score = guided_filter(frames[t], score.astype(np.float32), p.track_smooth_radius, 1e-2 * 255.0**2)
+        radius = p.track_rigid_smooth_radius if rigid else p.track_smooth_radius
+        if radius:
+            score = guided_filter(frames[t], score.astype(np.float32), radius, 1e-2 * 255.0**2)
         masks[t] = score > 0
     return masks
 
@@ -328,17 +302,26 @@ def u2net(*, model: Any, params: SourceMaskParams, frames: np.ndarray) -> dict[s
     return {"object_masks": u2net_probability(model, _check_frames(frames)) > params.threshold}
 
 
+TRACK_READS = ("track_anchor_gap", "track_anchor_agree", "track_prior_sigma", "track_colour_weight",
+               "track_colour_ring", "track_smooth_radius", "track_register", "track_rigid_sigma",
+               "track_rigid_smooth_radius", "track_search_px")
+
 STAGE = Stage(
     name="source_masks",
-    version="2",  # 2: track drops a direct (anchor) warp that disagrees with the chained one and fits worse
+    # 2: track drops a direct (anchor) warp that disagrees with the chained one and fits worse;
+    # 3: track also places the mask where the object's colours went (objects without texture)
+    version="3",
     inputs=("frames", "provided_masks", "flows"),
     outputs={"object_masks": ArraySpec(("frame", "y", "x"), "bool")},
     params=SourceMaskParams,
     backends={
-        "track": Backend("track", track, uses=("frames", "provided_masks", "flows")),
-        "provided": Backend("provided", provided, uses=("frames", "provided_masks")),
-        "isnet": Backend("isnet", isnet, uses=("frames",), load=_load_isnet, needs_weights=True),
-        "u2net": Backend("u2net", u2net, uses=("frames",), load=_load_u2net, needs_weights=True, gpu=True),
+        "track": Backend("track", track, uses=("frames", "provided_masks", "flows"), reads=TRACK_READS),
+        "provided": Backend("provided", provided, uses=("frames", "provided_masks"), reads=(),
+                            preferred_when="per_frame_masks"),
+        "isnet": Backend("isnet", isnet, uses=("frames",), load=_load_isnet, needs_weights=True,
+                         reads=("threshold",)),
+        "u2net": Backend("u2net", u2net, uses=("frames",), load=_load_u2net, needs_weights=True, gpu=True,
+                         reads=("threshold",)),
     },
     default_backend="track",
     doc="Source object masks O_t: provided, tracked from the frame-0 mask, or from a saliency model.",

@@ -3,8 +3,11 @@
 Layout under the root URL::
 
     <stage>/<key[:2]>/<key>/            one artifact (Zarr v3 group, consolidated metadata)
-    <stage>/<key[:2]>/<key>/v2v.commit  written last: the artifact is complete
+    <stage>/<key[:2]>/<key>/v2v.commit  written last: the artifact is complete (its record: checksums, params)
     .tmp/<key>.<uuid>/                  local filesystems only: a write in progress
+    .trash/                             local: deletes in progress (renamed here, then removed)
+    .quarantine/<name>[.json]           damaged artifacts and documents moved aside, with a note saying why
+    .leases/<run>.json                  what running runs use: gc keeps it (storage.leases)
     jobs/<job id>.json                  which artifact each stage of a job uses (for views and gc)
     index/<name>/<id>.json              small lookup documents (e.g. source file fingerprint -> key)
 
@@ -12,6 +15,11 @@ An artifact is visible only once complete. On a local filesystem it is written u
 into place (atomic, and the loser of a race simply drops its copy); on object stores the commit marker is
 written last and readers ignore groups without it. Content is deterministic for a key, so two writers of
 one key leave one valid artifact either way.
+
+Nothing on disk is trusted: :meth:`ArtifactStore.read` checks every array against the checksum recorded at
+commit, and a damaged artifact raises :class:`ArtifactDamaged` (``quarantine`` moves it aside). Inside the root
+nothing is a symlink (the root itself may be one); a link where the store keeps its own folders is damage,
+never followed. The root is created by the first write, never by opening or inspecting a store.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import stat
 import time
 import uuid
 import warnings
@@ -29,13 +38,25 @@ from typing import Any
 import fsspec
 import numpy as np
 
+from storage import localfs
+from storage.documents import Documents
+from storage.errors import ArtifactDamaged, ArtifactNotFound, DocumentDamaged, StoreNotFound
 from storage.keys import array_digest
+from storage.names import COMMIT, INDEX, JOBS, LEASES, QUARANTINE, RESERVED, TMP, TRASH
+from storage.safekeeping import Safekeeping
 
-COMMIT = "v2v.commit"
-TMP = ".tmp"
+__all__ = ["COMMIT", "INDEX", "JOBS", "LEASES", "QUARANTINE", "TMP", "TRASH", "ArtifactDamaged", "ArtifactNotFound",
+           "ArtifactRef", "ArtifactStore", "DocumentDamaged", "StoreNotFound", "open_store"]
+
 DEFAULT_STORE = "./v2v-store"
+# 2: a crc32c per chunk and every chunk stored (an absent chunk file is damage, never an all-fill chunk).
+LAYOUT = 2
 # Leading dims chunked one entry per chunk (a frame, a flow pair); anything else is one chunk.
 FRAME_DIMS = frozenset({"frame", "pair", "mask_frame"})
+# What zarr, numcodecs and json raise on damaged bytes or metadata (zarr's own errors are ValueErrors). Not
+# PermissionError or network errors: those are not damage and must not get a good artifact quarantined.
+DAMAGE_ERRORS = (ValueError, RuntimeError, KeyError, IndexError, TypeError, EOFError, FileNotFoundError,
+                 NotADirectoryError, IsADirectoryError, UnicodeDecodeError)
 
 # We rely on zarr-python's consolidated metadata to open artifacts without listing (object stores).
 warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
@@ -58,11 +79,6 @@ def _zarr() -> Any:
     return zarr
 
 
-class ArtifactNotFound(KeyError):
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else ""
-
-
 @dataclass(frozen=True)
 class ArtifactRef:
     """A small, picklable reference to a stored artifact (what Prefect persists)."""
@@ -82,7 +98,26 @@ def _library_versions() -> dict[str, str]:
     return {"numpy": np.__version__, "zarr": zarr.__version__, "numcodecs": numcodecs.__version__}
 
 
-class ArtifactStore:
+def _file_problem(path: str, label: str) -> str | None:
+    """Why a file the store needs is unusable (absent, a link, empty), or None."""
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return f"no {label}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{label} is a symlink" if stat.S_ISLNK(st.st_mode) else f"{label} is not a file"
+    return f"empty {label}" if st.st_size == 0 else None
+
+
+def _check_array_meta(path: str, name: str, shape: tuple[int, ...]) -> None:
+    """An array's own zarr.json (a local file of a few hundred bytes) is there and agrees on the shape."""
+    with open(path, "rb") as fh:
+        meta = json.loads(fh.read())
+    if not isinstance(meta, dict) or tuple(meta.get("shape", ())) != tuple(shape):
+        raise ValueError(f"{name}/zarr.json disagrees with the group metadata")
+
+
+class ArtifactStore(Safekeeping, Documents):
     def __init__(self, url: str | os.PathLike[str] = DEFAULT_STORE, **storage_options: Any) -> None:
         url = os.fspath(url)
         self.fs, root = fsspec.core.url_to_fs(url, **storage_options)
@@ -90,14 +125,22 @@ class ArtifactStore:
         self.root = os.path.abspath(root) if self.local else root.rstrip("/")
         self.url = self.root if self.local else url.rstrip("/")
         self.storage_options = storage_options
-        if self.local:
-            os.makedirs(self.root, exist_ok=True)
 
     def __repr__(self) -> str:
         return f"ArtifactStore({self.url!r})"
 
     def __reduce__(self) -> tuple[Any, ...]:  # picklable for Ray workers: reopen by URL
         return (_reopen, (self.url, self.storage_options))
+
+    # ---- the store itself ----------------------------------------------------------------------------
+    def present(self) -> bool:
+        """Whether anything is stored at the URL (a local root folder, objects under a prefix)."""
+        return os.path.isdir(self.root) if self.local else bool(self.fs.exists(self.root))
+
+    def require(self) -> None:
+        """Raise :class:`StoreNotFound` unless the store exists (inspection never creates one)."""
+        if not self.present():
+            raise StoreNotFound(self.url)
 
     # ---- paths -------------------------------------------------------------------------------------
     def _p(self, *parts: str) -> str:
@@ -112,14 +155,49 @@ class ArtifactStore:
                                     storage_options=self.storage_options or None)
 
     # ---- artifacts ---------------------------------------------------------------------------------
+    def presence(self, ref: ArtifactRef) -> tuple[bool, str | None]:
+        """Cheap (a few ``lstat`` calls, one ``info`` on object stores): (something is there, why it is
+        damaged or None). A marker-less folder is damage on a local store (complete writes are renamed in);
+        on an object store it may be a write in progress, so it counts as absent."""
+        if not self.local:
+            try:
+                info = self.fs.info(self._p(ref.path, COMMIT))
+            except FileNotFoundError:
+                return False, None
+            return True, ("empty commit marker" if info.get("size") == 0 else None)
+        final = self._p(ref.path)
+        for parent, label in ((self._p(ref.stage), "stage"), (self._p(ref.stage, ref.key[:2]), "prefix")):
+            if localfs.kind(parent) == localfs.LINK:
+                return True, f"its {label} folder is a symlink"
+        k = localfs.kind(final)
+        if k == localfs.ABSENT:
+            return False, None
+        if k != localfs.DIR:
+            return True, "the artifact folder is a symlink" if k == localfs.LINK else "not a folder"
+        return True, (_file_problem(posixpath.join(final, COMMIT), f"commit marker ({COMMIT})")
+                      or _file_problem(posixpath.join(final, "zarr.json"), "group metadata (zarr.json)"))
+
     def exists(self, ref: ArtifactRef) -> bool:
-        return self.fs.exists(self._p(ref.path, COMMIT))
+        """Committed and not damaged in any cheap-to-see way; full checksums are checked on read."""
+        there, damage = self.presence(ref)
+        return there and damage is None
 
     def commit_record(self, ref: ArtifactRef) -> dict[str, Any]:
+        there, damage = self.presence(ref)
+        if not there:
+            raise ArtifactNotFound(f"no complete artifact {ref.path} in {self.url}")
+        if damage:
+            raise ArtifactDamaged(ref, damage)
         try:
-            return json.loads(self.fs.cat_file(self._p(ref.path, COMMIT)))
+            record = json.loads(self.fs.cat_file(self._p(ref.path, COMMIT)))
         except FileNotFoundError:
             raise ArtifactNotFound(f"no complete artifact {ref.path} in {self.url}") from None
+        except ValueError:
+            raise ArtifactDamaged(ref, "unreadable commit marker (truncated or corrupt)") from None
+        if (not isinstance(record, dict) or not isinstance(record.get("checksums"), dict)
+                or record.get("key", ref.key) != ref.key or record.get("stage", ref.stage) != ref.stage):
+            raise ArtifactDamaged(ref, "the commit marker does not describe this artifact")
+        return record
 
     def write(
         self,
@@ -130,7 +208,8 @@ class ArtifactStore:
         *,
         chunk_axis0: bool = True,
     ) -> ArtifactRef:
-        """Write one complete artifact; returns at once if it already exists."""
+        """Write one complete artifact; returns at once if it already exists. A damaged folder in the way (an
+        earlier crash, a killed delete) is quarantined and replaced."""
         if self.exists(ref):
             return ref
         checksums = {name: array_digest(a) for name, a in arrays.items()}
@@ -141,28 +220,40 @@ class ArtifactStore:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "library_versions": _library_versions(),
             "checksums": checksums,
+            "layout": LAYOUT,
         }
         final = self._p(ref.path)
-        target = self._p(TMP, f"{ref.key}.{uuid.uuid4().hex}") if self.local else final
-        if not self.local and self.fs.exists(final):
-            self.fs.rm(final, recursive=True)  # an earlier writer's uncommitted leftovers
+        if self.local:
+            target = posixpath.join(self._own_dir(TMP), f"{ref.key}.{uuid.uuid4().hex}")
+        else:
+            target = final
+            if self.fs.exists(final):
+                self.fs.rm(final, recursive=True)  # an earlier writer's uncommitted leftovers
         self._write_group(target, arrays, dims, record, chunk_axis0)
         self.fs.pipe_file(posixpath.join(target, COMMIT), json.dumps(record, sort_keys=True).encode())
         if self.local:
-            os.makedirs(os.path.dirname(final), exist_ok=True)
+            self._own_dir(ref.stage, ref.key[:2])
+            self._commit_local(ref, target, final)
+        return ref
+
+    def _commit_local(self, ref: ArtifactRef, target: str, final: str) -> None:
+        for attempt in range(2):
             try:
                 os.rename(target, final)
+                return
             except OSError:
-                # Someone else committed the same key first: theirs is identical, drop ours.
-                self.fs.rm(target, recursive=True)
-                if not self.exists(ref):
+                if self.exists(ref):  # someone else committed the same key first: theirs is identical
+                    localfs.purge(target)
+                    return
+                if attempt or localfs.kind(final) == localfs.ABSENT:
+                    localfs.purge(target)
                     raise
-        return ref
+                self._displace(ref, "in the way of a fresh write")
 
     def _write_group(self, path: str, arrays: Mapping[str, np.ndarray], dims: Mapping[str, tuple[str, ...]],
                      attrs: Mapping[str, Any], chunk_axis0: bool) -> None:
         zarr = _zarr()
-        from zarr.codecs import BloscCodec
+        from zarr.codecs import BloscCodec, Crc32cCodec
 
         store = self._zarr_store(path, read_only=False)
         # Attributes go in with the group: each later update would rewrite its zarr.json.
@@ -183,118 +274,105 @@ class ArtifactStore:
                 # fetch single frames, writers create one file instead of one per frame.
                 shards=tuple(max(1, c) for c in data.shape) if per_frame else None,
                 # zstd level 1 + byte shuffle: measured (bench/store.py) as fast as lz4 to read, 3x faster
-                # to write than level 3 and within 1 % of its size on frames and flows.
-                compressors=[BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")],
+                # to write than level 3 and within 1 % of its size on frames and flows. crc32c: a lazy read
+                # (xarray views) of a damaged chunk fails instead of decoding garbage.
+                compressors=[BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"), Crc32cCodec()],
                 dimension_names=dims[name],
                 fill_value=0,
+                # All-zero chunks are stored too: then a missing chunk file is always damage (zarr would
+                # otherwise serve the fill value for it without a word).
+                config={"write_empty_chunks": True},
             )
             if data.size:
                 arr[...] = data
         zarr.consolidate_metadata(store)
 
     def open(self, ref: ArtifactRef) -> Any:
-        """The artifact as a lazy, dask-backed ``xarray.Dataset``."""
+        """The artifact as a lazy, dask-backed ``xarray.Dataset``. Lazy, so checksums of whole arrays cannot be
+        checked here: the metadata and every chunk file's presence are, and (layout 2) each chunk's crc32c
+        as it is decoded."""
         import xarray as xr
 
+        from storage.integrity import structure_problems
+
         record = self.commit_record(ref)
-        ds = xr.open_zarr(self._zarr_store(self._p(ref.path), read_only=True), consolidated=True,
-                          zarr_format=3)
+        problems = structure_problems(self, ref, record)
+        if problems:
+            raise ArtifactDamaged(ref, problems[0])
+        try:
+            ds = xr.open_zarr(self._zarr_store(self._p(ref.path), read_only=True), consolidated=True,
+                              zarr_format=3)
+        except DAMAGE_ERRORS as exc:
+            raise ArtifactDamaged(ref, f"unreadable metadata ({type(exc).__name__}: {exc})") from exc
         for name in ds.data_vars:
             ds[name].attrs.update({"stage": ref.stage, "key": ref.key})
         ds.attrs.update({"stage": record["stage"], "key": ref.key})
         return ds
 
-    def read(self, ref: ArtifactRef, names: list[str] | None = None) -> dict[str, np.ndarray]:
-        """Load arrays eagerly as numpy."""
+    def read(self, ref: ArtifactRef, names: list[str] | None = None, *, verify: bool = True
+             ) -> dict[str, np.ndarray]:
+        """Load arrays eagerly as numpy, each checked against the sha256 recorded at commit (``verify``).
+
+        Raises :class:`ArtifactDamaged` for a mismatch (a flipped byte, a missing chunk served as zeros), an
+        undecodable chunk, missing or unreadable metadata, a marker-less or symlinked folder."""
         zarr = _zarr()
-        self.commit_record(ref)
-        group = zarr.open_group(store=self._zarr_store(self._p(ref.path), read_only=True), mode="r",
-                                zarr_format=3, use_consolidated=True)
-        wanted = names if names is not None else [n for n, _ in group.arrays()]
+        expected = self.commit_record(ref)["checksums"]
+        wanted = list(expected) if names is None else list(names)
+        unknown = [n for n in wanted if n not in expected]
+        if unknown:
+            raise ArtifactNotFound(f"artifact {ref.path} has no array(s) {unknown} (it has {sorted(expected)})")
+        try:
+            group = zarr.open_group(store=self._zarr_store(self._p(ref.path), read_only=True), mode="r",
+                                    zarr_format=3, use_consolidated=True)
+        except DAMAGE_ERRORS as exc:
+            raise ArtifactDamaged(ref, f"unreadable metadata ({type(exc).__name__}: {exc})") from exc
         out: dict[str, np.ndarray] = {}
         for name in wanted:
-            arr = group[name]
-            out[name] = arr[...] if arr.size else np.zeros(arr.shape, dtype=arr.dtype)
+            try:
+                arr = group[name]
+                if self.local:  # consolidated metadata spares reading it, but a deleted one is damage too
+                    _check_array_meta(self._p(ref.path, name, "zarr.json"), name, arr.shape)
+                data = arr[...] if arr.size else np.zeros(arr.shape, dtype=arr.dtype)
+            except DAMAGE_ERRORS as exc:
+                raise ArtifactDamaged(ref, f"array {name!r} unreadable ({type(exc).__name__}: {exc})") from exc
+            if verify and array_digest(data) != expected[name]:
+                raise ArtifactDamaged(ref, f"checksum mismatch in {name!r}")
+            out[name] = data
         return out
 
     def attrs(self, ref: ArtifactRef) -> dict[str, Any]:
         return self.commit_record(ref)
 
-    def delete(self, ref: ArtifactRef) -> None:
-        path = self._p(ref.path)
-        if self.fs.exists(path):
-            # Drop the marker first so a concurrent reader never sees a half-deleted artifact as complete.
-            if self.fs.exists(posixpath.join(path, COMMIT)):
-                self.fs.rm_file(posixpath.join(path, COMMIT))
-            self.fs.rm(path, recursive=True)
-
     def iter_artifacts(self, include_incomplete: bool = False) -> Iterator[tuple[ArtifactRef, bool]]:
-        """Every artifact folder with whether it is committed."""
+        """Every artifact folder with whether it is committed (and not visibly damaged). Symlinked stage or
+        prefix folders are not entered; a symlinked artifact folder counts as incomplete."""
         for stage_dir in self._ls_dirs(self.root):
             stage = posixpath.basename(stage_dir)
-            if stage in (TMP, "jobs", "index") or stage.startswith("."):
+            if stage in RESERVED or stage.startswith("."):
                 continue
             for prefix_dir in self._ls_dirs(stage_dir):
-                for art_dir in self._ls_dirs(prefix_dir):
+                for art_dir in self._ls_dirs(prefix_dir, links=include_incomplete):
                     ref = ArtifactRef(stage, posixpath.basename(art_dir))
                     ok = self.exists(ref)
                     if ok or include_incomplete:
                         yield ref, ok
 
-    def _ls_dirs(self, path: str) -> list[str]:
+    def _ls_dirs(self, path: str, links: bool = False) -> list[str]:
+        if self.local:
+            keep = (localfs.DIR, localfs.LINK) if links else (localfs.DIR,)
+            return [posixpath.join(path, n) for n, k in localfs.entries(path, follow=path == self.root) if k in keep]
         try:
             entries = self.fs.ls(path, detail=True)
         except FileNotFoundError:
             return []
         return sorted(e["name"].rstrip("/") for e in entries if e["type"] == "directory")
 
-    # ---- small JSON documents (job manifests, indexes) --------------------------------------------
-    def put_json(self, relpath: str, obj: Any) -> None:
-        data = json.dumps(obj, sort_keys=True, indent=1).encode()
-        path = self._p(relpath)
-        if self.local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
-        else:
-            self.fs.pipe_file(path, data)  # single-object writes are atomic on object stores
+    def lease(self, run_id: str | None = None, *, ttl_s: float | None = None, heartbeat_s: float | None = None
+              ) -> Any:
+        """A :class:`storage.leases.Lease` for one run: what it protects, gc keeps (see that module)."""
+        from storage.leases import Lease
 
-    def get_json(self, relpath: str) -> Any | None:
-        try:
-            return json.loads(self.fs.cat_file(self._p(relpath)))
-        except FileNotFoundError:
-            return None
-
-    def list_json(self, reldir: str) -> list[str]:
-        try:
-            names = self.fs.ls(self._p(reldir), detail=False)
-        except FileNotFoundError:
-            return []
-        return sorted(posixpath.basename(n)[:-5] for n in names if n.endswith(".json"))
-
-    # ---- jobs ----------------------------------------------------------------------------------------
-    def record_job(self, job_id: str, refs: Mapping[str, ArtifactRef], extra: Mapping[str, Any] | None = None
-                   ) -> None:
-        doc = {"job": job_id, "artifacts": {s: r.key for s, r in refs.items()}, **(extra or {})}
-        self.put_json(f"jobs/{_safe_name(job_id)}.json", doc)
-
-    def job(self, job_id: str) -> dict[str, Any]:
-        doc = self.get_json(f"jobs/{_safe_name(job_id)}.json")
-        if doc is None:
-            known = ", ".join(self.jobs()) or "none"
-            raise ArtifactNotFound(f"no job {job_id!r} in {self.url} (known jobs: {known})")
-        return doc
-
-    def jobs(self) -> list[str]:
-        return self.list_json("jobs")
-
-
-def _safe_name(job_id: str) -> str:
-    if not job_id or "/" in job_id or job_id.startswith(".") or len(job_id) > 200:
-        raise ValueError(f"invalid job id {job_id!r}: use letters, digits, '-', '_' and '.'")
-    return job_id
+        return Lease(self, run_id, ttl_s=ttl_s, heartbeat_s=heartbeat_s)
 
 
 def _reopen(url: str, storage_options: dict[str, Any]) -> ArtifactStore:
@@ -302,5 +380,6 @@ def _reopen(url: str, storage_options: dict[str, Any]) -> ArtifactStore:
 
 
 def open_store(url: str | os.PathLike[str] | None = None) -> ArtifactStore:
-    """The store at ``url``, else ``$V2V_STORE``, else ``./v2v-store``."""
+    """The store at ``url``, else ``$V2V_STORE``, else ``./v2v-store``. Opening creates nothing: the first
+    write creates the root; ``require()`` says whether a store is there."""
     return ArtifactStore(url or os.environ.get("V2V_STORE") or DEFAULT_STORE)

@@ -45,10 +45,14 @@ def inside(shape: Shape, ux: np.ndarray, uy: np.ndarray, r: float) -> np.ndarray
 
 
 def texture(h: int, w: int, seed: int, lo: float = 40, hi: float = 215, blur: float = 1.5) -> np.ndarray:
-    """Band-limited colour noise (float32, 0..255): something optical flow can hold on to."""
+    """Band-limited colour noise (float32): something optical flow can hold on to. The blur takes contrast
+    away; it is put back (mean (lo + hi) / 2, standard deviation (hi - lo) / 4, clipped to lo..hi)."""
     rng = np.random.default_rng(seed)
-    noise = rng.uniform(lo, hi, (h, w, 3)).astype(np.float32)
-    return cv2.GaussianBlur(noise, (0, 0), blur) if blur > 0 else noise
+    noise = rng.standard_normal((h, w, 3)).astype(np.float32)
+    if blur > 0:
+        noise = cv2.GaussianBlur(noise, (0, 0), blur)
+    noise /= max(float(noise.std()), 1e-6)
+    return np.clip((lo + hi) / 2 + noise * (hi - lo) / 4, lo, hi)
 
 
 @dataclass
@@ -162,15 +166,17 @@ def family(n: int = 16, size: tuple[int, int] = (128, 192), speeds: tuple[float,
             for textured_object in (False, True):
                 angle = 20.0 * i - 15.0
                 # The whole path stays inside the frame: widen the canvas for the fast ones.
-                wide = (size[0], max(size[1], int(speed * (n - 1) * abs(np.cos(np.radians(angle)))) + 64))
-                clip = make_clip(shape, speed=speed, angle_deg=angle, n=n, size=wide, radius=14.0,
+                path = speed * (n - 1) * np.abs([np.sin(np.radians(angle)), np.cos(np.radians(angle))])
+                fit = (max(size[0], int(path[0]) + 72), max(size[1], int(path[1]) + 72))
+                clip = make_clip(shape, speed=speed, angle_deg=angle, n=n, size=fit, radius=14.0,
                                  textured_object=textured_object, seed=10 * i + int(speed))
                 label = f"{shape} {'textured' if textured_object else 'flat'} {speed:g}px"
                 out.append((label, clip))
     out.append(("disc flat on flat bg 10px", make_clip("disc", speed=10.0, n=n, size=size, radius=14.0,
                                                        textured_background=False, seed=3)))
+    # 3 % per frame: 1.6x larger / 0.6x the size after 16 frames.
     out.append(("disc flat growing 4px", make_clip("disc", speed=4.0, n=n, size=size, radius=12.0,
-                                                   growth=1.04, seed=4)))
+                                                   growth=1.03, seed=4)))
     out.append(("square flat shrinking 4px", make_clip("square", speed=4.0, n=n, size=size, radius=22.0,
-                                                       growth=0.96, seed=5)))
+                                                       growth=0.97, seed=5)))
     return out

@@ -39,6 +39,8 @@ class Params:  # the GenerateParams fields cig_generate reads
     overlap: int = 1
     dtype: str = "fp32"
     cpu_offload: bool = False
+    vae_noise_seed: int | None = None
+    zero_control: str = "none"
 
 
 def _tokenizer():
@@ -107,9 +109,15 @@ def build_mirror(root) -> None:
 
 
 @pytest.fixture(scope="module")
-def cig(tmp_path_factory, test_device):
+def mirror_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("cig_weights")
     build_mirror(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cig(mirror_root, test_device):
+    root = mirror_root
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
         model = load_cig(str(root), test_device)
@@ -171,6 +179,97 @@ def test_depth_acts_only_inside_the_control_window(cig):
     # Scale 0 is the same as no control at all.
     zero_scale = cig_mod.cig_generate(cig, frame, depth, replace(p, controlnet_scale=0.0))
     np.testing.assert_array_equal(zero_scale, off_a)
+
+
+def test_seeds_give_the_references_streams(cig):
+    """Initial latents: the first draws of ``torch.Generator().manual_seed(seed)`` (0 included: a seed like any
+    other, where the reference would run unseeded); VAE noise: its own stream, ``vae_noise_seed`` or seed + 1."""
+    frame, depth = _inputs(n=3)
+    p = Params(window=0, steps=1, seed=0)
+
+    def run(params):
+        with cig_mod.recording() as rec:
+            return cig_mod.cig_generate(cig, frame, depth, params), rec
+
+    out, rec = run(p)
+    (noise,), (vae_noise,) = rec["initial_latents"], rec["vae_noise"]
+    assert noise.shape == (1, 4, 3, 8, 16) and vae_noise.shape == (1, 4, 8, 16)
+    np.testing.assert_array_equal(noise, torch.randn(noise.shape, generator=torch.Generator().manual_seed(0)))
+    np.testing.assert_array_equal(vae_noise, torch.randn(vae_noise.shape, generator=torch.Generator().manual_seed(1)))
+    again, _ = run(p)
+    np.testing.assert_array_equal(out, again)
+    explicit, rec2 = run(replace(p, vae_noise_seed=5))
+    np.testing.assert_array_equal(rec2["initial_latents"][0], noise)  # the initial latents do not move
+    np.testing.assert_array_equal(
+        rec2["vae_noise"][0], torch.randn(vae_noise.shape, generator=torch.Generator().manual_seed(5)))
+    assert np.abs(explicit.astype(int) - out).max() > 0
+    seed1, rec3 = run(replace(p, seed=1))
+    assert np.abs(seed1.astype(int) - out).max() > 0
+    np.testing.assert_array_equal(  # the derived VAE seed follows the seed
+        rec3["vae_noise"][0], torch.randn(vae_noise.shape, generator=torch.Generator().manual_seed(2)))
+
+
+def test_zero_control_reference_adds_the_adapter_mid_output(cig):
+    """At ControlNet scale 0 the reference still runs the adapter on the (zeroed) residuals and adds its mid
+    output; ``zero_control="reference"`` does the same, the default adds nothing."""
+    cond, latents = _cond(cig)
+    t = torch.tensor(501, device=_device(cig))
+    ref_opts = replace(step_options(Params()), zero_control="reference")
+    with torch.no_grad():
+        got = guided_prediction(cig, latents, t, cond, ref_opts, False)
+        none = guided_prediction(cig, latents, t, cond, step_options(Params()), False)
+        # The reference's way: the ControlNet at scale 0 (exact zeros), the whole adapter, down outputs dropped.
+        x = latents.repeat(2, 1, 1, 1, 1)
+        down, mid = cig_mod.control_residuals(cig, x, t, cond, replace(ref_opts, controlnet_scale=0.0))
+        assert mid is not None and all(r.abs().max() > 0 for r in down)  # adapted zeros are not zeros
+        pos = cond.image_embeds.reshape(1, 1, -1)
+        with cig.injector.active(None, mid):
+            pred = cig.unet(x, t, fps=torch.full((2,), 16, device=x.device), image_latents=cond.image_latents
+                            .repeat(2, 1, 1, 1, 1), image_embeddings=torch.cat([torch.zeros_like(pos), pos]),
+                            encoder_hidden_states=cond.prompt_embeds, return_dict=False)[0]
+        uncond, text = pred.chunk(2)
+        expected = uncond + 9.0 * (text - uncond)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert (got - none).abs().max() > 1e-3  # the mid output acts
+    # Through the whole clip: scale 0 and a step outside the control window are the same (cond scale 0), and
+    # the depth still plays no part in either.
+    frame, depth = _inputs(n=3)
+    p = Params(window=0, steps=2, zero_control="reference")
+    zero = cig_mod.cig_generate(cig, frame, depth, replace(p, controlnet_scale=0.0))
+    outside = cig_mod.cig_generate(cig, frame, depth[:, ::-1].copy(), replace(p, control_guidance_end=0.0))
+    np.testing.assert_array_equal(zero, outside)
+    plain = cig_mod.cig_generate(cig, frame, depth, replace(p, controlnet_scale=0.0, zero_control="none"))
+    assert np.abs(zero.astype(int) - plain).max() > 0
+
+
+def test_first_window_is_the_one_window_run_and_the_hand_over_is_a_cross_fade(mirror_root):
+    """6 frames, windows of 4 sharing 2 (starts 0 and 2), through ``Stage.run`` (reads= enforced).
+
+    Stated bound: output frames up to the hand-over frame (2, which conditions window 2) are window 1's
+    exactly, i.e. the one-window run's; a shared frame after it differs from window 1's rendering by at most
+    its cross-fade weight (j / overlap) times the two windows' disagreement, from window 2's by at most the
+    rest, plus 0.5 for rounding. (With random tiny weights the two renderings disagree by ~35 grey levels on
+    average, so their agreement itself says nothing here: that needs real weights.)"""
+    from stages.generate import STAGE
+
+    frame, depth = _inputs(n=6)
+    root = mirror_root
+    params = {"prompt": "an elephant walking", "negative_prompt": "blurry, static", "seed": 7, "steps": 2,
+              "dtype": "fp32", "window": 4, "overlap": 2}
+    arrays = {"edited_frame": frame, "refined_depth": depth}
+    with cig_mod.recording() as rec:
+        out = STAGE.run(arrays, params, backend="i2vgenxl", weights=str(root))["video"]
+    one = STAGE.run({"edited_frame": frame, "refined_depth": depth[:4]}, params, backend="i2vgenxl",
+                    weights=str(root))["video"]
+    a, b = rec["frames"]  # each window's own rendering
+    np.testing.assert_array_equal(a, one)
+    np.testing.assert_array_equal(out[:3], one[:3])
+    np.testing.assert_array_equal(out[4:], b[2:])
+    a3, b3, o3 = a[3].astype(float), b[1].astype(float), out[3].astype(float)
+    weight = 1 / 2  # frame 3 is the second of 2 shared frames
+    assert np.all(np.abs(o3 - a3) <= weight * np.abs(b3 - a3) + 0.5)
+    assert np.all(np.abs(o3 - b3) <= (1 - weight) * np.abs(b3 - a3) + 0.5)
+    assert np.abs(b3 - a3).max() > 0  # the bound is not vacuous: the windows do differ there
 
 
 def test_bad_inputs_are_rejected(cig):
@@ -239,3 +338,17 @@ def test_hooks_add_residuals_to_the_matching_skips(cig):
     flat_new = [s for block in reversed(captured["skips"]) for s in block]
     for old, new, res in zip(flat_base, flat_new, down, strict=True):
         torch.testing.assert_close(new - old, res, atol=1e-5, rtol=0)
+
+
+def test_keys_cover_what_each_generate_backend_reads():
+    from stages.generate import STAGE
+
+    cig_key = STAGE.key_params("i2vgenxl", {"seed": 42})
+    assert {"prompt", "negative_prompt", "seed", "vae_noise_seed", "zero_control", "steps"} <= set(cig_key)
+    assert not {"removal_margin_px", "background"} & set(cig_key)  # propagate's own knobs
+    for change in ({"vae_noise_seed": 0}, {"seed": 0}, {"zero_control": "reference"}):
+        assert STAGE.key_params("i2vgenxl", {"seed": 42, **change}) != cig_key
+    # propagate renders no text and draws no noise: job texts and seeds stay out of its key.
+    prop_key = STAGE.key_params("propagate", {"prompt": "a", "seed": 1})
+    assert prop_key == STAGE.key_params("propagate", {"prompt": "b", "seed": 2})
+    assert "feather_px" in prop_key

@@ -102,9 +102,13 @@ def test_plan_run_inspect_and_store_commands(workspace: Path) -> None:
     assert "done" in text and "failed" in text and "first_frame" in text
     assert (workspace / "out" / "bear" / "video.mp4").is_file()
 
+    # The seed is not read by the offline generator: nothing to re-run. A field it reads re-runs it.
     again = v2v("plan", cat, *common, "--set", "generate.seed=3")
     text = clean(again)
-    assert "cached" in text and "seed=3 (was 42)" in text
+    assert "cached" in text and "0 stage(s) to run" in text
+    again = v2v("plan", cat, *common, "--set", "generate.feather_px=2")
+    text = clean(again)
+    assert "cached" in text and "feather_px=2.0 (was 1.0)" in text
 
     inspect = v2v("inspect", "bear", *common, "--sheet", str(workspace / "sheet.png"))
     text = clean(inspect)
@@ -115,6 +119,9 @@ def test_plan_run_inspect_and_store_commands(workspace: Path) -> None:
     assert ls.returncode == 0 and "bear" in clean(ls)
     verify = v2v("store", "verify", *common)
     assert verify.returncode == 0 and "0 damaged" in clean(verify)
+    missing = v2v("store", "verify", "--store", str(workspace / "no-such-store"))
+    assert missing.returncode == 1 and "no store at" in clean(missing)
+    assert not (workspace / "no-such-store").exists()
     gc = v2v("store", "gc", "--dry-run", *common)
     assert gc.returncode == 0 and "would remove" in clean(gc)
 

@@ -173,3 +173,102 @@ def test_depth_anything_with_preprocessor_config(tmp_path: Path, monkeypatch: py
     frames = (np.random.default_rng(0).random((3, 50, 60, 3)) * 255).astype(np.uint8)
     out = STAGE.run({"frames": frames}, {"input_size": 60}, backend="dpt", weights=str(tmp_path))["depth"]
     assert out.shape == (3, 50, 60) and out.dtype == np.float16 and out.min() == 0 and out.max() == 1
+
+
+# ---- reference levels, MiDaS .pt handling (the real-size parity is tests/test_parity_midas.py) ---------
+
+def test_uint8_levels_round_trip_and_reference_order() -> None:
+    from stages.depth import finish_depth, reference_levels
+
+    k = np.arange(256, dtype=np.float32)
+    back = finish_depth(k[None, None, :], "frame", "uint8")  # a 0..255 ramp maps to its own bytes
+    assert back.dtype == np.float16 and np.array_equal(np.round(back[0, 0].astype(np.float32) * 255), k)
+    rng = np.random.default_rng(1)
+    inv = rng.random((3, 24, 24)).astype(np.float32) * np.array([1, 2, 4], np.float32)[:, None, None]
+    frame, clip = reference_levels(inv, "frame"), reference_levels(inv, "clip")
+    assert (frame.max(axis=(1, 2)) == 255).all() and (frame.min(axis=(1, 2)) == 0).all()
+    assert clip[0].max() < 80 and clip.max() == 255  # one scale for the clip
+    # Truncation, not rounding: within one level below the exact value.
+    exact = 255 * (inv - inv.min(axis=(1, 2), keepdims=True)) / np.ptp(inv, axis=(1, 2), keepdims=True)
+    assert np.all((exact - frame >= -1e-3) & (exact - frame < 1 + 1e-3)) and (exact - frame > 0.5).any()
+    assert not finish_depth(np.full((2, 4, 4), 3.0), "frame", "uint8").any()
+
+
+def test_dpt_uint8_levels(tiny_dpt: str, bear: dict[str, np.ndarray]) -> None:
+    frames = np.stack([cv2.resize(f, (64, 64), interpolation=cv2.INTER_AREA) for f in bear["frames"][:3]])
+    params = {"input_size": 64, "normalise": "frame"}
+    full = STAGE.run({"frames": frames}, params, backend="dpt", weights=tiny_dpt)["depth"].astype(np.float32)
+    u8 = STAGE.run({"frames": frames}, {**params, "levels": "uint8"}, backend="dpt",
+                   weights=tiny_dpt)["depth"].astype(np.float32)
+    levels = u8 * 255
+    assert np.abs(levels - np.round(levels)).max() <= 0.0625  # bytes k as k/255 (float16: half a step near 1)
+    below = full * 255 - np.round(levels)  # truncation: the byte is at most one level below (+ float16 steps)
+    assert below.min() >= -0.07 and below.max() < 1.07 and below.mean() > 0.3
+    assert len(np.unique(np.round(levels))) > 64
+
+
+def test_backend_reads_enter_the_key() -> None:
+    assert set(STAGE.key_params("dpt", {})) == {"normalise", "levels", "batch_size", "input_size"}
+    assert set(STAGE.key_params("ground-prior", {})) == {"normalise", "horizon", "contact_window",
+                                                          "edge_sigma_px"}
+    assert STAGE.key_params("ground-prior", {"levels": "uint8"}) == STAGE.key_params("ground-prior", {})
+
+
+def test_midas_conversion_covers_every_key() -> None:
+    import torch
+    from transformers import DPTForDepthEstimation
+
+    from stages.nets.fill import read_keys
+    from stages.nets.midas import SIGNATURE, UNUSED, convert_midas_state_dict, dpt_swinv2_config, signature_problems
+
+    entries = read_keys(SIGNATURE)
+    assert len(entries) == 477
+    state = {k: torch.empty(s, device="meta") for k, s, _ in entries}
+    assert signature_problems(state) == []
+    with torch.device("meta"):
+        target = {k: list(v.shape) for k, v in DPTForDepthEstimation(dpt_swinv2_config()).state_dict().items()}
+    converted = convert_midas_state_dict(state)
+    assert {k: list(v.shape) for k, v in converted.items()} == target and len(target) == 519
+    assert not set(UNUSED) & set(converted) and len(state) - len(UNUSED) + 2 * 24 == len(target)
+    # The fused qkv projection splits in the order query, key, value.
+    qkv = torch.arange(12.0).reshape(6, 2)
+    got = convert_midas_state_dict({"pretrained.model.layers.1.blocks.0.attn.qkv.weight": qkv})
+    base_key = "backbone.encoder.layers.1.blocks.0.attention.self"
+    assert [got[f"{base_key}.{n}.weight"][0, 0].item() for n in ("query", "key", "value")] == [0.0, 4.0, 8.0]
+    bad = dict(state)
+    bad.pop("scratch.layer1_rn.weight")
+    bad["pretrained.model.norm.weight"] = torch.empty(7, device="meta")
+    problems = signature_problems(bad)
+    assert any("1 missing keys" in p for p in problems) and any("norm.weight" in p for p in problems)
+
+
+def test_shifted_window_mask() -> None:
+    from stages.nets.midas import shifted_window_mask
+
+    mask = shifted_window_mask(48)  # stage 1: 2 x 2 windows of 24², shifted by 12
+    assert mask.shape == (4, 576, 576) and set(np.unique(mask)) == {-100.0, 0.0}
+    assert not mask[0].any()  # the top-left window holds one region
+    assert np.array_equal(mask[3], mask[3].T) and not np.diag(mask[3]).any()
+    assert (mask[3] == 0).sum() == 4 * 144**2  # bottom-right: four 12 x 12 regions
+
+
+def test_midas_file_is_checked(tmp_path: Path) -> None:
+    import torch
+
+    from stages.depth import DepthNet, predict_raw
+    from stages.nets.midas import read_checkpoint
+
+    wrong = tmp_path / "raft-things.pt"
+    torch.save({"module.fnet.conv1.weight": torch.zeros(64, 3, 7, 7)}, wrong)
+    with pytest.raises(StageInputError, match="not MiDaS dpt_swin2_large_384.*477 missing keys"):
+        STAGE.run({"frames": np.zeros((1, 32, 32, 3), np.uint8)}, backend="dpt", weights=str(wrong))
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint")
+    with pytest.raises(StageInputError, match="not a torch checkpoint"):
+        read_checkpoint(str(text))
+    wrapped = tmp_path / "with-optimizer.pt"
+    torch.save({"optimizer": {"lr": 0.1}, "model": {"a": torch.ones(2)}}, wrapped)
+    assert list(read_checkpoint(str(wrapped))) == ["a"]  # as MiDaS' loader unwraps training checkpoints
+    net = DepthNet(None, "cpu", (0.5,) * 3, (0.5,) * 3, 384, 32, False, True)
+    with pytest.raises(StageInputError, match="384x384 input only"):
+        predict_raw(net, np.zeros((1, 64, 64, 3), np.uint8), 256)

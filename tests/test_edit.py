@@ -7,7 +7,9 @@ with 2 steps.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -16,9 +18,10 @@ import pytest
 from flows.plan.calls import make_call
 from stages import base
 from stages.base import MissingWeightsError, StageInputError
-from stages.edit import STAGE, grow, sketch_region, sketch_strokes
+from stages.edit import DEFAULT_MARGIN_PX, STAGE, grow, sketch_region, sketch_strokes, to_canvas
 from stages.ingest import IngestParams
 from stages.ingest import to_canvas as ingest_to_canvas
+from stages.prompts import DEFAULT_NEGATIVE_PROMPT
 
 SIZE = 64
 
@@ -242,3 +245,134 @@ def test_sketch_loads_the_stablev2v_mirror_layout(tiny_weights: dict[str, Path],
     mirror = STAGE.run(bear_small, params=params, backend="sketch", weights=str(tmp_path))["edited_frame"]
     packed = STAGE.run(bear_small, params=params, backend="sketch", weights=str(tiny_weights["sketch"]))
     assert np.array_equal(mirror, packed["edited_frame"])  # same weights, same seed: same edit
+
+
+# ---- each editor gets the reference runner's call ---------------------------------------------------
+
+def test_grow_is_the_references_square_dilation(bear_dir: Path) -> None:
+    """``grow(mask, px)`` is the reference's ``cv2.dilate(mask, ones((k, k)), iterations=n)`` for each
+    runner's kernel (PBE 9x9 once, SD-inpaint 19x19 x 9, sketch script 19x19 x 5), on a real 512² mask."""
+    mask = cv2.resize(cv2.imread(str(bear_dir / "mask-00000.png"), cv2.IMREAD_GRAYSCALE), (512, 512),
+                      interpolation=cv2.INTER_NEAREST) >= 128
+    for backend, (k, n) in {"paint-by-example": (9, 1), "sd-inpaint": (19, 9), "sketch": (19, 5)}.items():
+        reference = cv2.dilate(mask.astype(np.uint8) * 255, np.ones((k, k), np.uint8), iterations=n) > 127
+        grown = grow(mask, DEFAULT_MARGIN_PX[backend])
+        assert np.array_equal(grown, reference), backend
+        assert grown.sum() > mask.sum()
+
+
+@pytest.fixture()
+def recorded_call(tiny_weights: dict[str, Path], test_device: str) -> Iterator[Callable[[str], list[dict]]]:
+    """The editor's real pipeline (the one ``Stage.run`` uses: loaded once per worker) with its ``__call__``
+    recorded by a subclass that then runs the real call."""
+    restore: list[tuple[Any, type]] = []
+
+    def attach(backend: str) -> list[dict]:
+        pipe = base.load_model(STAGE, STAGE.backend(backend), str(tiny_weights[backend]), test_device)
+        calls: list[dict] = []
+        real = type(pipe)
+
+        class Recording(real):  # type: ignore[misc, valid-type]
+            def __call__(self, *args: Any, **kwargs: Any) -> Any:
+                calls.append({**kwargs, "args": args})
+                return super().__call__(*args, **kwargs)
+
+        pipe.__class__ = Recording
+        restore.append((pipe, real))
+        return calls
+
+    yield attach
+    for pipe, real in restore:
+        pipe.__class__ = real
+
+
+def _pixels(image: Any) -> np.ndarray:
+    return np.asarray(image.convert("RGB") if image.mode not in ("L", "RGB") else image)
+
+
+def _common(call: dict, steps: int, scale: float, seed: int) -> None:
+    assert call["num_inference_steps"] == steps and call["guidance_scale"] == scale
+    assert call["generator"].initial_seed() == seed and call["generator"].device.type == "cpu"
+
+
+def test_instructpix2pix_gets_the_reference_call(recorded_call: Callable[[str], list[dict]],
+                                                 bear_small: dict[str, np.ndarray],
+                                                 tiny_weights: dict[str, Path]) -> None:
+    calls = recorded_call("instructpix2pix")
+    text = "turn the bear into an elephant"
+    STAGE.run(bear_small, params={"instruction": text}, backend="instructpix2pix",
+              weights=str(tiny_weights["instructpix2pix"]))
+    (call,) = calls
+    _common(call, 50, 9.0, 42)  # reference: 50 steps, CFG 9 (unseeded there; v2v seeds 42)
+    assert call["prompt"] == text and call["negative_prompt"] == DEFAULT_NEGATIVE_PROMPT
+    assert call["image_guidance_scale"] == 1.0  # --image-guidance-scale (library default 1.5)
+    assert np.array_equal(_pixels(call["image"]), bear_small["frames"][0])  # frame 0 on the canvas, as is
+    assert "height" not in call and "width" not in call  # the pipeline keeps the image's size
+
+
+def test_paint_by_example_gets_the_reference_call(recorded_call: Callable[[str], list[dict]],
+                                                  bear_small: dict[str, np.ndarray],
+                                                  tiny_weights: dict[str, Path]) -> None:
+    from PIL import Image
+
+    calls = recorded_call("paint-by-example")
+    STAGE.run(bear_small, backend="paint-by-example", weights=str(tiny_weights["paint-by-example"]))
+    (call,) = calls
+    _common(call, 50, 9.0, 42)  # reference: pipeline default steps, --guidance-scale 9 (unseeded there)
+    frame, mask = bear_small["frames"][0], bear_small["object_masks"][0]
+    assert np.array_equal(_pixels(call["image"]), frame)
+    reference = cv2.dilate(mask.astype(np.uint8) * 255, np.ones((9, 9), np.uint8), iterations=1)
+    assert np.array_equal(_pixels(call["mask_image"]), reference)
+    # The example image squashed onto the canvas with PIL's default (bicubic), as the reference resizes it.
+    squashed = Image.fromarray(bear_small["reference_image"]).resize((SIZE, SIZE), Image.Resampling.BICUBIC)
+    assert call["example_image"].size == (SIZE, SIZE)
+    assert np.array_equal(_pixels(call["example_image"]), np.asarray(squashed))
+    assert "negative_prompt" not in call  # the pipeline ignores it (deliberately not passed: not in the key)
+
+
+def test_sd_inpaint_gets_the_reference_call(recorded_call: Callable[[str], list[dict]],
+                                            bear_small: dict[str, np.ndarray], tiny_weights: dict[str, Path]) -> None:
+    calls = recorded_call("sd-inpaint")
+    params = {"prompt": "an elephant", "mask_margin_px": 6}  # +81 px would cover the whole 64² test canvas
+    STAGE.run(bear_small, params=params, backend="sd-inpaint", weights=str(tiny_weights["sd-inpaint"]))
+    (call,) = calls
+    _common(call, 50, 9.0, 42)  # reference: 50 steps, CFG 9, CPU generator seeded with --seed 42
+    assert call["prompt"] == "an elephant" and call["negative_prompt"] == DEFAULT_NEGATIVE_PROMPT
+    assert (call["height"], call["width"]) == (SIZE, SIZE)
+    frame, mask = bear_small["frames"][0], bear_small["object_masks"][0]
+    assert np.array_equal(_pixels(call["image"]), frame)
+    assert np.array_equal(_pixels(call["mask_image"]) > 0, grow(mask, 6))
+    # Unset, the margin is the reference's 19x19 kernel x 9 (+81 px; here the whole canvas).
+    STAGE.run(bear_small, params={"prompt": "an elephant", "steps": 1}, backend="sd-inpaint",
+              weights=str(tiny_weights["sd-inpaint"]))
+    reference = cv2.dilate(mask.astype(np.uint8) * 255, np.ones((19, 19), np.uint8), iterations=9)
+    assert np.array_equal(_pixels(calls[1]["mask_image"]), reference) and calls[1]["num_inference_steps"] == 1
+
+
+def test_sketch_gets_the_reference_scripts_call(recorded_call: Callable[[str], list[dict]],
+                                                bear_small: dict[str, np.ndarray],
+                                                tiny_weights: dict[str, Path]) -> None:
+    calls = recorded_call("sketch")
+    params = {"prompt": "an elephant", "mask_margin_px": 2}
+    STAGE.run(bear_small, params=params, backend="sketch", weights=str(tiny_weights["sketch"]))
+    (call,) = calls
+    _common(call, 20, 7.5, 23)  # scripts/inference_controlnet_inpaint.py: 20 steps, CFG 7.5, seed 23
+    assert call["prompt"] == "an elephant" and call["negative_prompt"] == DEFAULT_NEGATIVE_PROMPT
+    assert (call["height"], call["width"]) == (SIZE, SIZE) and call["controlnet_conditioning_scale"] == 1.0
+    frame, mask = bear_small["frames"][0], bear_small["object_masks"][0]
+    strokes = sketch_strokes(to_canvas(bear_small["sketch_image"], "squash", SIZE, SIZE))
+    assert np.array_equal(_pixels(call["image"]), frame)
+    assert np.array_equal(_pixels(call["control_image"]), np.repeat(strokes[..., None], 3, axis=2))
+    assert np.array_equal(_pixels(call["mask_image"]) > 0, grow(mask | sketch_region(strokes), 2))
+
+
+def test_editor_reads_are_what_each_call_uses() -> None:
+    """Keys: job texts reach only the editors that use them (PBE renders no text)."""
+    key = lambda backend, **p: STAGE.key_params(backend, p)  # noqa: E731
+    assert key("paint-by-example", prompt="a", negative_prompt="x") == key("paint-by-example", prompt="b")
+    assert key("sd-inpaint", prompt="a") != key("sd-inpaint", prompt="b")
+    assert key("sd-inpaint", negative_prompt="a") != key("sd-inpaint")
+    assert key("instructpix2pix", instruction="a") != key("instructpix2pix", instruction="b")
+    assert key("sketch", canvas="crop") != key("sketch") and key("sd-inpaint", canvas="crop") == key("sd-inpaint")
+    for backend in ("instructpix2pix", "paint-by-example", "sd-inpaint", "sketch"):
+        assert key(backend, seed=1) != key(backend) and key(backend, steps=3) != key(backend)

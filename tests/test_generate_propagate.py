@@ -11,6 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from synthetic import OBJECT_COLOUR, Clip, edited_first_frame, make_clip, new_shape_masks
 
 from stages import get_stage, metrics
 from stages.base import MissingWeightsError, StageInputError
@@ -233,3 +234,96 @@ def test_fill_holes_keeps_known_pixels_and_texture() -> None:
     # Texture, not a smear: the filled area keeps a variance comparable to its surroundings.
     ring = metrics.dilate(hole, 8) & ~hole
     assert out[hole].astype(np.float32).std() > 0.5 * img[ring].astype(np.float32).std()
+
+
+# ---- exact truth (tests/synthetic.py): what the output must leave alone, and what must go -----------------
+
+def _edit(n: int = 8, **kw: object) -> tuple[Clip, dict[str, np.ndarray]]:
+    """A synthetic clip and the stage inputs: true masks, the true new shape moved by the motion stage (real
+    DIS flows), a perfect edit of frame 0."""
+    clip = make_clip(n=n, size=(80, 144), **{"speed": 6.0, "radius": 11.0, **kw})  # type: ignore[arg-type]
+    new = new_shape_masks(clip)
+    flows = get_stage("flow").run({"frames": clip.frames})["flows"]
+    motion = get_stage("motion").run({"object_masks": clip.masks, "flows": flows, "edited_shape": new[0]})
+    depth = np.full(clip.masks.shape, 0.3, np.float16)
+    arrays = {"frames": clip.frames, "object_masks": clip.masks, "edited_frame": edited_first_frame(clip, new),
+              "flows": flows, "depth": depth, **motion}
+    return clip, arrays
+
+
+def _edit_region(clip: Clip, arrays: dict[str, np.ndarray], t: int) -> np.ndarray:
+    """The old object of frame t grown by the removal margin, and the new shape grown by its feather."""
+    margin = GenerateParams().removal_margin_px
+    return metrics.dilate(clip.masks[t], margin) | metrics.dilate(arrays["shape_masks"][t], 3)
+
+
+@pytest.mark.parametrize("kw", [{"shape": "disc"}, {"shape": "star", "textured_object": True, "pan": 2}],
+                         ids=["flat-disc", "textured-star-pan"])
+def test_untouched_source_is_exact_and_no_ghost(kw: dict[str, object]) -> None:
+    """Where neither the old object of frame t (grown by the removal margin) nor the new shape (grown by its
+    feather) is, frame t is the source frame to the byte: in particular where the object and the new shape
+    were at frame 0 (no ghost). What the removed object hid is the true background."""
+    clip, arrays = _edit(**kw)
+    video = STAGE.run(arrays)["video"]
+    for t in range(1, len(video)):
+        edit = _edit_region(clip, arrays, t)
+        assert np.array_equal(video[t][~edit], clip.frames[t][~edit]), t
+        ghost = (clip.masks[0] | arrays["shape_masks"][0]) & ~edit
+        if t >= 4:  # the object has moved off its frame-0 place
+            assert ghost.sum() > 50 and np.array_equal(video[t][ghost], clip.background[t][ghost])
+        revealed = _edit_region(clip, arrays, t) & ~metrics.dilate(arrays["shape_masks"][t], 3)
+        err = np.abs(video[t].astype(np.float32) - clip.background[t])[revealed].mean()
+        assert err < 3, (t, err)
+
+
+@pytest.mark.parametrize("growth", [1.04, 0.96], ids=["growing", "shrinking"])
+def test_no_remnant_of_a_growing_or_shrinking_object(growth: float) -> None:
+    """The new shape moves rigidly; the old object changes size. Every frame's own source mask is removed,
+    so nothing of the old object shows outside the new shape (the frame-0 mask moved along would leave the
+    grown part, or erase background the shrunk one no longer covers)."""
+    clip, arrays = _edit(n=10, growth=growth, speed=3.0, radius=14.0 if growth > 1 else 20.0)
+    video = STAGE.run(arrays)["video"]
+    for t in range(1, len(video)):
+        old = clip.masks[t] & ~metrics.dilate(arrays["shape_masks"][t], 3)
+        if t == (len(video) - 1 if growth > 1 else 1):
+            assert old.sum() > 50  # the old object sticks out of the new shape there
+        # Not the old object's colour anywhere (flat: any pixel of it would be exactly OBJECT_COLOUR) ...
+        like_old = np.abs(video[t][old].astype(np.int16) - OBJECT_COLOUR).max(-1) <= 12
+        assert like_old.sum() <= max(2, 0.01 * old.sum()), (t, int(like_old.sum()), int(old.sum()))
+        # ... and the true background where another frame shows it (elsewhere it is inpainted).
+        err = np.abs(video[t].astype(np.float32) - clip.background[t]).mean(-1)[old]
+        assert np.median(err) < 3 if old.any() else True, (t, np.median(err))
+
+
+def test_old_shadow_goes_with_the_object() -> None:
+    clip, arrays = _edit(shadow=True)
+    video = STAGE.run(arrays)["video"]
+    kept = STAGE.run(arrays, {"shadow_px": 0})["video"]
+    for t in range(1, len(video)):
+        shadow = clip.shadows[t] & ~metrics.dilate(arrays["shape_masks"][t], 3)
+        assert shadow.sum() > 20
+        err = np.abs(video[t].astype(np.float32) - clip.background[t])[shadow].mean()
+        err_kept = np.abs(kept[t].astype(np.float32) - clip.background[t])[shadow].mean()
+        assert err < 4 and err_kept > 15, (t, err, err_kept)
+
+
+def test_full_frame_and_empty_masks() -> None:
+    """A source mask (or new shape) over the whole frame, or none at all: no crash (fill_holes had nothing to
+    take from); without any mask the source frames come back untouched."""
+    clip, arrays = _edit(n=5)
+    full = np.ones_like(arrays["object_masks"])
+    for over in ({"object_masks": full}, {"object_masks": full, "shape_masks": full}):
+        for background in ("source", "edited"):
+            video = STAGE.run({**arrays, **over}, {"background": background})["video"]
+            assert video.shape == clip.frames.shape and np.array_equal(video[0], arrays["edited_frame"])
+    empty = np.zeros_like(arrays["object_masks"])
+    video = STAGE.run({**arrays, "object_masks": empty, "shape_masks": empty})["video"]
+    assert np.array_equal(video[1:], clip.frames[1:])
+    img = clip.frames[0]
+    assert np.array_equal(fill_holes(img, np.ones(img.shape[:2], bool)), img)
+
+
+def test_propagate_is_deterministic() -> None:
+    _, arrays = _edit(n=6, shape="star", pan=2, shadow=True)
+    first = STAGE.run(arrays)["video"]
+    assert np.array_equal(first, STAGE.run({k: v.copy() for k, v in arrays.items()})["video"])

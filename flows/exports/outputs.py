@@ -1,4 +1,5 @@
-"""What a finished job leaves for people: the exported video, a contact sheet, and its record in the store.
+"""What a finished job leaves for people: the exported video and a contact sheet (its record in the store:
+:mod:`flows.run.manifest`).
 
 Both files are stamped with the artifact keys they were made from (``.v2v-outputs.json``), so a cached re-run
 rewrites nothing.
@@ -7,15 +8,19 @@ rewrites nothing.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from flows.plan.planner import JobPlan
 from storage.store import ArtifactRef, ArtifactStore
+
+log = logging.getLogger("v2v.exports")
+OUTPUTS = ("source", "canvas")  # at the source's size (untouched pixels are the source's), or the canvas as is
 
 THUMB = 128  # contact sheet cell height, px
 MAX_COLUMNS = 8
@@ -29,12 +34,26 @@ class OutputsConfig:
 
     out_root: str
     formats: tuple[str, ...] = ("mp4", "gif", "png")
-    restore_source: bool = False
+    output: str = "source"
 
     @classmethod
     def of(cls, profile: Any) -> OutputsConfig:
-        """A profile's export settings (its ``out``, ``formats`` and ``restore_source``)."""
-        return cls(str(Path(profile.out).resolve()), tuple(profile.formats), bool(profile.restore_source))
+        """A profile's export settings (its ``out``, ``formats`` and ``output``; a profile of before
+        ``output`` existed: ``restore_source`` true = ``source``, false = ``canvas``)."""
+        out = str(profile.out)
+        output = getattr(profile, "output", None) or ("source" if getattr(profile, "restore_source", False)
+                                                      else "canvas")
+        return cls(out if is_url(out) else str(Path(out).resolve()), tuple(profile.formats), output)
+
+    @property
+    def restore_source(self) -> bool:
+        """The old switch, for callers that still pass it to :func:`job_outputs`."""
+        return self.output == "source"
+
+
+def is_url(out: str) -> bool:
+    """Whether ``out`` is an fsspec URL (``s3://bucket/out``): exports are then uploaded there."""
+    return "://" in out
 
 
 def _to_rgb(frame: np.ndarray) -> np.ndarray:
@@ -175,9 +194,17 @@ def _stamp_ok(folder: Path, stamp: dict[str, Any]) -> dict[str, str] | None:
 
 
 def job_outputs(store_url: str, store_options: dict[str, Any] | None, job_id: str, refs: dict[str, str],
-                out_root: str, formats: tuple[str, ...], restore_source: bool, contact: bool = True
+                out_root: str, formats: tuple[str, ...], restore_source: bool | None = None, contact: bool = True,
+                *, output: str | None = None, source: str | None = None, source_fps: float | None = None
                 ) -> dict[str, str]:
     """Export the job's video and contact sheet into ``out_root/job_id`` (nothing when up to date).
+
+    ``output``: ``source`` (default) = at the source's size, the source frames themselves outside the edit
+    region (:func:`stages.export.deliver`; needs ``source``, the job's clip), ``canvas`` = the generator's
+    canvas as it is. The frame rate is the source's over ingest's stride (``source_fps``: a frame folder's,
+    else 16) and the mp4 carries the source's audio for the exported span. ``restore_source`` is the old
+    switch (true = ``source``, false = ``canvas``) for callers that do not pass ``output``; without
+    ``source``, ``source`` output falls back to mapping the whole canvas back (what that switch did).
 
     Runs on a worker like a stage (slim, picklable arguments); returns the written paths by kind (and
     ``_seconds``, the time it took).
@@ -186,56 +213,124 @@ def job_outputs(store_url: str, store_options: dict[str, Any] | None, job_id: st
 
     from storage.write_behind import store_for
 
+    output = output or ("source" if restore_source or restore_source is None else "canvas")
+    if output not in OUTPUTS:
+        raise ValueError(f"export: output must be one of {list(OUTPUTS)}, got {output!r}")
     t0 = time.perf_counter()
     store = store_for(store_url, store_options)
     store.flush(refs.values())  # this process's writes behind the compute: committed before anything exports
     done = {s: ArtifactRef(s, k) for s, k in refs.items()}
     folder = Path(out_root) / job_id
-    stamp = {"refs": dict(refs), "formats": list(formats), "restore_source": restore_source, "contact": contact}
+    stamp = {"refs": dict(refs), "formats": list(formats), "output": output, "source": source,
+             "source_fps": source_fps, "contact": contact}
+    if is_url(out_root):
+        return {**_publish(store, done, out_root, job_id, stamp), "_seconds": f"{time.perf_counter() - t0:.4f}"}
     files = _stamp_ok(folder, stamp)
     if files is None:
-        files = _write_outputs(store, done, folder, formats=formats, restore_source=restore_source,
-                               contact=contact)
+        files = _write_outputs(store, done, folder, job_id, **_options(stamp))
         folder.mkdir(parents=True, exist_ok=True)
         (folder / ".v2v-outputs.json").write_text(json.dumps({"stamp": stamp, "files": files}, indent=1))
     return {**files, "_seconds": f"{time.perf_counter() - t0:.4f}"}
 
 
-def record(store: ArtifactStore, plan: JobPlan, result: Any) -> None:
-    """The job's manifest in the store: which artifact each stage uses (views, gc, inspect), status, outputs."""
-    done = done_refs(plan, result)
-    extra: dict[str, Any] = {"status": result.status, "error": result.error, "outputs": result.outputs,
-                             "stages": {s: {"status": r.status, "seconds": r.seconds, "error": r.error}
-                                        for s, r in result.stages.items()}}
-    if plan.job is not None:
-        extra.update({"source": str(plan.job.source), "mode": plan.job.mode, "prompt": plan.job.prompt})
-    store.record_job(plan.job_id, done, extra)
+def _options(stamp: dict[str, Any]) -> dict[str, Any]:
+    return {"formats": tuple(stamp["formats"]), "output": stamp["output"], "source": stamp["source"],
+            "source_fps": stamp["source_fps"], "contact": stamp["contact"]}
 
 
-def done_refs(plan: JobPlan, result: Any) -> dict[str, ArtifactRef]:
-    return {s: plan.stages[s].call.ref for s, r in result.stages.items()  # type: ignore[union-attr]
-            if r.status in ("computed", "cached") and plan.stages[s].call is not None}
-
-
-def _write_outputs(store: ArtifactStore, done: dict[str, ArtifactRef], folder: Path, *, formats: tuple[str, ...],
-                   restore_source: bool, contact: bool) -> dict[str, str]:
+def _write_outputs(store: ArtifactStore, done: dict[str, ArtifactRef], folder: Path, job_id: str, *,
+                   formats: tuple[str, ...], output: str, source: str | None, source_fps: float | None,
+                   contact: bool) -> dict[str, str]:
     files: dict[str, str] = {}
+    for ref in done.values():  # what a stage found worth saying about this job's inputs (edit: an aspect fit)
+        for warning in store.attrs(ref).get("warnings", ()):
+            log.warning("job %s: %s", job_id, warning)
     video_stage = next((s for s, ref in done.items() if "video" in store.attrs(ref).get("checksums", {})), None)
     if video_stage is not None:
-        try:
-            from stages.export import export_video
-        except ImportError:
-            export_video = None
-        if export_video is not None:
-            ref = done[video_stage]
-            video = store.read(ref, ["video"])["video"]
-            fps = int(store.attrs(ref).get("params", {}).get("fps", 16))
-            geometry = store.attrs(done["ingest"]).get("geometry") if "ingest" in done else None
-            written = export_video(video, folder, fps=fps, formats=formats, geometry=geometry,
-                                   restore_source=restore_source)
-            files.update({k: str(v) for k, v in written.items()})
+        from stages.export import export_video
+
+        ref = done[video_stage]
+        video = store.read(ref, ["video"])["video"]
+        ingest = store.attrs(done["ingest"]) if "ingest" in done else {}
+        geometry = ingest.get("geometry")
+        fps, audio = _rate_and_audio(store, done, ingest, len(video), formats, source, source_fps,
+                                     int(store.attrs(ref).get("params", {}).get("fps", 16)))
+        if output == "source" and geometry is not None:
+            video = _at_source(store, done, video, ingest, source)
+        written = export_video(video, folder, fps=fps, formats=formats, audio=audio)
+        files.update({k: str(v) for k, v in written.items()})
     if contact:
         sheet = contact_sheet(store, done, folder / "contact-sheet.png")
         if sheet is not None:
             files["contact_sheet"] = str(sheet)
+    return files
+
+
+def _rate_and_audio(store: ArtifactStore, done: dict[str, ArtifactRef], ingest: dict[str, Any], n: int,
+                    formats: tuple[str, ...], source: str | None, source_fps: float | None, fallback: int
+                    ) -> tuple[Fraction, Any]:
+    """The export's frame rate (the source's / stride) and the source's audio for the exported span."""
+    from stages.export import probe_source, read_audio
+
+    if source is None:  # a caller that does not say where the clip is: the generator's rate, no audio
+        return Fraction(fallback), None
+    stride = int(ingest.get("params", {}).get("stride", 1))
+    media = probe_source(source)
+    if media.fps is None:  # a frame folder
+        return Fraction(source_fps or 16).limit_denominator(1001) / stride, None
+    if not media.has_audio or "mp4" not in formats or "ingest" not in done:
+        return media.fps / stride, None
+    first = int(store.read(done["ingest"], ["source_frame_index"])["source_frame_index"][0])
+    start = media.start + float(first / media.fps)
+    return media.fps / stride, read_audio(source, start, float(n * stride / media.fps))
+
+
+def _at_source(store: ArtifactStore, done: dict[str, ArtifactRef], video: np.ndarray, ingest: dict[str, Any],
+               source: str | None) -> np.ndarray:
+    """The video at the source's size: untouched pixels from the source frames, decoded again at full
+    resolution and checked against the digest ingest recorded for them."""
+    from stages.base import StageInputError
+    from stages.export import deliver, restore_video
+    from stages.ingest import IngestParams, read_source
+    from storage.keys import array_digest
+
+    geometry = ingest["geometry"]
+    if source is None:
+        return restore_video(video, geometry)
+    params = IngestParams(**{k: v for k, v in ingest.get("params", {}).items() if k in IngestParams.model_fields})
+    clip = read_source(source, params)
+    recorded = str(ingest.get("inputs", {}).get("source_frames", ""))
+    if recorded.startswith("external:") and array_digest(clip.frames) != recorded.removeprefix("external:"):
+        raise StageInputError(f"export: {source} is not the clip ingest read (its frames changed): run the job "
+                              "again")
+    a = store.read(done["ingest"], ["frames"])
+    for stage, name in (("source_masks", "object_masks"), ("motion", "shape_masks"), ("edit", "edited_frame")):
+        if stage in done:
+            a.update(store.read(done[stage], [name]))
+    return deliver(video, clip.frames, geometry, a["frames"], a.get("object_masks"), a.get("shape_masks"),
+                   a.get("edited_frame"))
+
+
+def _publish(store: ArtifactStore, done: dict[str, ArtifactRef], out_url: str, job_id: str, stamp: dict[str, Any]
+             ) -> dict[str, str]:
+    """Export into a local temporary folder, then upload to ``out_url/job_id``: the files only once all are
+    written (each object appears whole), the stamp last (a stamp there means its files are). Returns URLs."""
+    import tempfile
+
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(out_url)
+    remote, base = f"{root.rstrip('/')}/{job_id}", f"{out_url.rstrip('/')}/{job_id}"
+    try:
+        old = json.loads(fs.cat_file(f"{remote}/.v2v-outputs.json"))
+        if old.get("stamp") == stamp and all(fs.exists(f"{remote}/{Path(p).name}") for p in old["files"].values()):
+            return dict(old["files"])
+    except (OSError, ValueError, KeyError, AttributeError):  # absent or unreadable: export again
+        pass
+    with tempfile.TemporaryDirectory(prefix="v2v-out-") as tmp:
+        local = _write_outputs(store, done, Path(tmp), job_id, **_options(stamp))
+        files = {kind: f"{base}/{Path(path).name}" for kind, path in local.items()}
+        for path in sorted(p for p in Path(tmp).rglob("*") if p.is_file()):  # the png frames are a folder
+            fs.put_file(str(path), f"{remote}/{path.relative_to(tmp).as_posix()}")
+    fs.pipe_file(f"{remote}/.v2v-outputs.json", json.dumps({"stamp": stamp, "files": files}, indent=1).encode())
     return files

@@ -20,7 +20,9 @@ from prefect.cache_policies import NO_CACHE
 from flows.exports.outputs import OutputsConfig
 from flows.plan.groups import job_groups
 from flows.plan.planner import JobPlan
-from flows.run.engine import InlineExecutor, JobResult, Reporter, RunReport, StageResult, schedule
+from flows.run.executors import InlineExecutor
+from flows.run.results import JobResult, Reporter, RunReport, StageResult
+from flows.run.scheduler import schedule
 from storage.store import ArtifactStore
 
 

@@ -5,7 +5,8 @@ needs one (every Ray worker too). We start that server once per run instead, poi
 workers at it (``PREFECT_API_URL``), send its output to ``$PREFECT_HOME/v2v-server.log``, drain the event
 and log workers before stopping it, and keep Prefect's console logging off unless asked (``--verbose``).
 This is the same sequence as Prefect's own test harness. With ``PREFECT_API_URL`` set (a real server, e.g.
-``prefect server start``) nothing is started and runs show up in its UI.
+``prefect server start``) nothing is started and runs show up in its UI. The temporary server ends with this
+process however it ends, SIGKILL included (:mod:`flows.orchestrate.lifeline`).
 
 Call :func:`configure` before the first ``import prefect`` (settings are read at import).
 """
@@ -19,6 +20,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from flows.orchestrate import lifeline
 
 _DEFAULTS = {
     # Offline machines: no telemetry call home (it logs an error per run when DNS is missing).
@@ -66,17 +69,22 @@ def _server_class() -> Any:
             home = Path(PREFECT_HOME.value()).expanduser()
             home.mkdir(parents=True, exist_ok=True)
             self.log_path = home / "v2v-server.log"
-            log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed with it
             env = {**_RECORDER_BATCHING, **os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
                    "PREFECT__SERVER_FINAL": "1",
                    **get_current_settings().to_environment_variables(exclude_unset=True)}
             env.pop("PREFECT_API_URL", None)
             env["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"  # its warnings go to the log file
-            return subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
-                 "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
-                 "--log-level", "error", "--lifespan", "on"],
-                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            lifeline.ensure()  # the server ends with this process, even on SIGKILL
+            # Its own session: a terminal's Ctrl-C or hangup reaches v2v, which stops the server after draining
+            # its event workers into it (the lifeline does it if v2v cannot).
+            with open(self.log_path, "ab") as log:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+                     "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+                     "--log-level", "error", "--lifespan", "on"],
+                    env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            lifeline.rescan()
+            return proc
 
     return QuietServer
 

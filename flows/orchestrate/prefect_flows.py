@@ -35,7 +35,11 @@ from flows.exports.outputs import OutputsConfig  # noqa: E402
 from flows.orchestrate.job_tasks import run_job_tasks, use_job_tasks  # noqa: E402
 from flows.plan.planner import StagePlan  # noqa: E402
 from flows.plan.run_plan import prepare_catalog  # noqa: E402
-from flows.run.engine import Reporter, RunReport, error_text, run_stage, schedule  # noqa: E402
+from flows.run.executors import run_stage  # noqa: E402
+from flows.run.lease import run_lease  # noqa: E402
+from flows.run.outcomes import BLOCKED, Done, Failed, FailureKind, TaskOutcome, failure_of  # noqa: E402
+from flows.run.results import Reporter, RunReport  # noqa: E402
+from flows.run.scheduler import schedule  # noqa: E402
 from storage.store import ArtifactStore  # noqa: E402
 from storage.write_behind import store_for  # noqa: E402
 
@@ -157,21 +161,21 @@ class PrefectExecutor:
     def on_done(self, handle: Any, fn: Callable[[], None]) -> None:
         handle.add_done_callback(lambda _: fn())
 
-    def outcome(self, handle: Any) -> tuple[dict[str, Any] | None, str | None]:
+    def outcome(self, handle: Any) -> TaskOutcome:
         handle.wait()
         state = handle.state
         if state.is_completed():
-            return handle.result(), None
+            return Done(handle.result())
         # A task whose upstream failed never starts (Prefect leaves it Pending / NotReady).
         if not state.is_final() or state.name == "NotReady" or "upstream" in str(state.message or "").lower():
-            return None, "blocked"
+            return BLOCKED
         try:
             exc = state.result(raise_on_failure=False)
         except Exception as err:  # the failure itself could not be read back
             exc = err
         if isinstance(exc, BaseException):
-            return None, error_text(exc)
-        return None, state.message or state.name
+            return failure_of(exc)
+        return Failed(FailureKind.INTERNAL, state.message or state.name)
 
 
 def task_runner_for(profile: Profile) -> Any:
@@ -210,12 +214,13 @@ def _body(catalog: CatalogArg | None, profile: str | Profile, store: str | None,
           title: str) -> dict[str, Any]:
     start = time.perf_counter()
     prof, st, plans, _ = prepare_catalog(catalog, profile, store, request)
-    if use_job_tasks(plans, prof.runner):
-        report = run_job_tasks(plans, st, prof.device, prof.runner.max_workers, _REPORTER.get(),
-                               OutputsConfig.of(prof), start)
-    else:
-        report = schedule(plans, PrefectExecutor(st, prof), st, _REPORTER.get(), OutputsConfig.of(prof),
-                          start=start)
+    with run_lease(st, plans):
+        if use_job_tasks(plans, prof.runner):
+            report = run_job_tasks(plans, st, prof.device, prof.runner.max_workers, _REPORTER.get(),
+                                   OutputsConfig.of(prof), start)
+        else:
+            report = schedule(plans, PrefectExecutor(st, prof), st, _REPORTER.get(), OutputsConfig.of(prof),
+                              start=start)
     _summary_artifact(report, title)
     return {"jobs": report.rows(), "wall_seconds": round(report.wall_seconds, 3),
             "compute_seconds": round(report.compute_seconds, 3), "failed": len(report.failed),

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from flows.config.profiles import Profile
+from flows.orchestrate import lifeline
 
 _REMOTES: dict[str, Any] = {}
 _REMOTES_LOCK = threading.Lock()
@@ -40,6 +41,9 @@ def init_kwargs(profile: Profile) -> dict[str, Any]:
         # Ray runs its workers at nice 15 by default, behind every other process of the machine; a local Ray
         # started for v2v is the main compute, so keep it at normal priority (inherited by the raylet).
         os.environ.setdefault("RAY_worker_niceness", "0")
+        # Ray's head processes die with the driver, but its dashboard and runtime-env agents outlive a killed
+        # one (re-parented to init, deaf to SIGTERM): the lifeline reaps them (prefect-ray's runner too).
+        lifeline.ensure()
         if r.num_cpus:
             kwargs["num_cpus"] = r.num_cpus
         if r.num_gpus is not None:
@@ -61,6 +65,8 @@ def ray_session(profile: Profile) -> Iterator[None]:
         # and not actionable for a cluster v2v starts and stops itself, and it would cut into the progress bars.
         logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_DEFAULT_AUTH_NOTICE)
     ray.init(address=profile.runner.address, **init_kwargs(profile))
+    if profile.runner.address is None:
+        lifeline.rescan()
     try:
         yield
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from flows.config.catalog import Catalog, Job, RowError
@@ -114,13 +115,26 @@ def _param_layers(stage: Stage, job: Job, profile: Profile, cli_params: Mapping[
 USER_INPUTS = ("provided_masks", "provided_shape")
 
 
-def _candidates(stage: Stage, choice: str, profile: Profile) -> list[str]:
+def job_facts(job: Job) -> set[str]:
+    """Facts about the job's own data that backends may prefer (``Backend.preferred_when``), from its paths."""
+    from flows.plan.externals import _davis_annotations
+
+    facts: set[str] = set()
+    masks = Path(job.masks) if job.masks else _davis_annotations(Path(job.source))
+    if masks is not None and masks.is_dir() and sum(1 for p in masks.iterdir() if p.is_file()) > 1:
+        facts.add("per_frame_masks")
+    return facts
+
+
+def _candidates(stage: Stage, choice: str, profile: Profile, facts: set[str] | None = None) -> list[str]:
     """Backends to try, best first. ``auto``: backends reading user-given masks (the default first), then
     learned ones whose weights are present, then the offline default, then other weight-free backends;
     the planner takes the first whose inputs the job can satisfy."""
     if choice != "auto":
         return [choice]
     names = sorted(stage.backends, key=lambda n: n != stage.default_backend)  # default first, stable
+    preferred = [n for n in names if stage.backends[n].preferred_when in (facts or set())]
+    names = preferred + [n for n in names if n not in preferred]
     user = [n for n in names if set(stage.used_inputs(n)) & set(USER_INPUTS)
             and (not stage.backends[n].needs_weights or profile.has_weights(n))]
     learned = [n for n in names if stage.backends[n].needs_weights and profile.has_weights(n)]
@@ -202,7 +216,7 @@ def _plan_stages(plan: JobPlan, job: Job, profile: Profile, store: ArtifactStore
     previous: dict[str, str] = {}
     try:
         previous = dict(store.job(job.id).get("artifacts", {}))
-    except (ArtifactNotFound, ValueError):
+    except (ArtifactNotFound, ValueError):  # none, or a damaged manifest (DocumentDamaged): rewritten at the end
         pass
     source_stage = next((st for st in stages.values() if set(st.inputs) & set(SOURCE_ARRAYS)), None)
     if source_stage is None:
@@ -214,13 +228,14 @@ def _plan_stages(plan: JobPlan, job: Job, profile: Profile, store: ArtifactStore
     plan.externals = ext
     available_ext = ext.names()
     produced: dict[str, str] = {}  # array name -> stage of this job producing it
+    facts = job_facts(job)
     for name, stage in stages.items():
         choice = _backend_choice(stage, job, profile, cli_backends)
         if choice != "auto" and choice not in stage.backends:
             raise StageInputError(f"stage {name!r} has no backend {choice!r}; choose one of "
                                   f"{sorted(stage.backends)} or 'auto'")
         chosen, missing = None, []
-        for cand in _candidates(stage, choice, profile):
+        for cand in _candidates(stage, choice, profile, facts):
             need = stage.used_inputs(cand)
             missing = [i for i in need if i not in produced and i not in available_ext]
             if not missing:
@@ -252,9 +267,12 @@ def _plan_stages(plan: JobPlan, job: Job, profile: Profile, store: ArtifactStore
                 inputs[i] = ext.digest(i)
                 ext_used.append(i)
         call = make_call(stage, params=overrides, backend=chosen, inputs=inputs, weights=weights)
-        if store.exists(call.ref):
+        there, damage = store.presence(call.ref)
+        if there and damage is None:
             status: Status = "cached"
             why: list[cz.Cause] = [cz.InStore()]
+        elif damage is not None:  # the run's write quarantines it and puts a fresh one in its place
+            status, why = "run", [cz.ArtifactDamaged(damage)]
         else:
             status, why = "run", _why(store, stage, call, previous)
         plan.stages[name] = StagePlan(name, status, tuple(why), call, tuple(dict.fromkeys(upstream)), tuple(ext_used),

@@ -7,6 +7,8 @@ The Prefect tasks, the Ray workers and the tests all call :func:`execute` with a
 from __future__ import annotations
 
 import contextlib
+import socket
+import sys
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
@@ -31,6 +33,14 @@ class Outcome:
 
 # Counts actual stage computations in this process (tests prove cached runs compute nothing).
 COMPUTE_COUNT: dict[str, int] = {}
+
+
+def _node() -> str:
+    """Where a stage ran: the Ray node id in a process Ray runs (a cluster's runs can be audited), else the host."""
+    ray = sys.modules.get("ray")  # loaded only where Ray is in use: never import it for this
+    if ray is not None and ray.is_initialized():
+        return str(ray.get_runtime_context().get_node_id())
+    return socket.gethostname()
 
 
 def execute(
@@ -80,6 +90,7 @@ def execute(
         "weights_digest": call.weights_digest,
         "inputs": call.input_keys(),
         "compute_seconds": round(seconds, 4),
+        "node": _node(),
     }
     if stage.attrs_fn:
         attrs.update(stage.attrs_fn(stage.resolve_params(call.params), **arrays))

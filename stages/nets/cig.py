@@ -5,19 +5,20 @@ turns them and the depth frames into 12 + 1 residuals (in micro-batches), Ctrl-A
 (timestep + positive CLIP image embedding) and hooks add them to the unmodified diffusers ``I2VGenXLUNet``
 (see ``ctrl_adapter.ResidualInjector``); DDIM (v-prediction, zero-terminal-SNR) steps the guided prediction.
 
-Beyond the reference: any canvas that is a multiple of 64 (the reference pools ControlNet input to 64x64
-latents / 512x512 images; here control images are pooled to the actual latent size x 8, a no-op on our
-canvas), any clip length through overlapping windows (window k is conditioned on the output frame where it
-starts, i.e. the previous window's last frame when ``overlap == 1``; overlapping frames are cross-faded),
-seeded VAE sampling, and lower memory: SDPA attention, bf16/fp16 weights, ControlNet micro-batches, the
+Reference-exact on one 512x512 window (``tests/test_cig_pipeline_parity.py``: same seeded draws, steps within
+1e-4, frames within 1 grey level). Beyond the reference: any canvas that is a multiple of 64 (the reference
+runs only at 512x512), any clip length through overlapping windows (window k is conditioned on the output
+frame where it starts; overlapping frames are cross-faded), seeded VAE noise (the reference draws it from the
+unseeded global RNG), and lower memory: SDPA attention, bf16/fp16 weights, ControlNet micro-batches, the
 adapter per CFG half, optional sequential CFG halves in the UNet, chunked VAE decoding, optional CPU offload.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
+from collections import defaultdict
 from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,88 +29,37 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from torch import nn
 
-from stages.nets.ctrl_adapter import CtrlAdapter, ResidualInjector, load_ctrl_adapter
+from stages.nets.cig_load import CIG, DTYPES, SCHEDULER_SETTINGS, SUBFOLDERS, load_cig  # noqa: F401 (re-exported)
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# Spec section 4: the I2VGen-XL hub scheduler settings, enforced whatever the folder's config says.
-SCHEDULER_SETTINGS = {
-    "prediction_type": "v_prediction", "beta_schedule": "squaredcos_cap_v2", "rescale_betas_zero_snr": True,
-    "timestep_spacing": "leading", "steps_offset": 1, "clip_sample": False,
-}
-SUBFOLDERS = ("i2vgenxl", "controlnet-depth", "ctrl-adapter-i2vgenxl-depth", "stable-diffusion-v1.5")
+# ---- recording (tests compare the draws and every step with the reference) ---------------------------------
+
+_RECORDER: ContextVar[dict[str, list[np.ndarray]] | None] = ContextVar("cig_recorder", default=None)
 
 
-@dataclass
-class CIG:
-    """All CIG networks (loaded once per worker) plus the hooks that feed adapter residuals to the UNet."""
-
-    unet: nn.Module
-    controlnet: nn.Module
-    adapter: CtrlAdapter
-    vae: Any
-    text_encoder: Any
-    tokenizer: Any
-    image_encoder: Any
-    feature_extractor: Any
-    cn_text_encoder: Any
-    cn_tokenizer: Any
-    scheduler_config: dict
-    device: torch.device
-    injector: ResidualInjector | None = None
-
-    def __post_init__(self) -> None:
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        for net in (self.unet, self.controlnet):  # SDPA everywhere (the reference materialised attention)
-            net.set_attn_processor(AttnProcessor2_0())
-        if self.injector is None:
-            self.injector = ResidualInjector(self.unet)
-
-    def denoisers(self) -> tuple[nn.Module, ...]:
-        return (self.unet, self.controlnet, self.adapter)
+@contextlib.contextmanager
+def recording() -> Iterator[dict[str, list[np.ndarray]]]:
+    """Record (this thread) per window ``initial_latents``, ``vae_noise``, ``image_latents``, ``frames`` and per
+    step ``v_guided``, ``latents`` (after the step), as float32 arrays in call order. Free when unused."""
+    record: dict[str, list[np.ndarray]] = defaultdict(list)
+    token = _RECORDER.set(record)
+    try:
+        yield record
+    finally:
+        _RECORDER.reset(token)
 
 
-def load_cig(weights_dir: str, device: str, dtype: str | None = None) -> CIG:
-    """Load the StableV2V mirror layout under ``weights_dir`` (local files only, no hub access).
-
-    Weights stay on the CPU until the first call moves them (so ``cpu_offload`` can be chosen per call);
-    ``dtype`` is the storage dtype (default bf16 on GPU, fp32 on CPU); calls may cast to another.
-    """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, I2VGenXLUNet
-    from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
-
-    missing = [s for s in SUBFOLDERS if not os.path.isdir(os.path.join(weights_dir, s))]
-    if missing:
-        raise FileNotFoundError(f"CIG weights folder {weights_dir!r} lacks {missing} (StableV2V layout)")
-    dev = torch.device(device)
-    wdt = DTYPES[dtype or ("bf16" if dev.type == "cuda" else "fp32")]
-    base, sd15 = (os.path.join(weights_dir, s) for s in ("i2vgenxl", "stable-diffusion-v1.5"))
-    local = {"local_files_only": True}
-    dlocal = {**local, "low_cpu_mem_usage": False}  # diffusers: no accelerate needed
-    eval_ = lambda m: m.eval().requires_grad_(False)  # noqa: E731
-    return CIG(
-        unet=eval_(I2VGenXLUNet.from_pretrained(base, subfolder="unet", torch_dtype=wdt, **dlocal)),
-        controlnet=eval_(ControlNetModel.from_pretrained(os.path.join(weights_dir, "controlnet-depth"),
-                                                         torch_dtype=wdt, **dlocal)),
-        adapter=load_ctrl_adapter(os.path.join(weights_dir, "ctrl-adapter-i2vgenxl-depth"), dtype=wdt),
-        # The VAE always runs in float32: it is small, runs on few frames at a time and fp16 can overflow.
-        vae=eval_(AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32, **dlocal)),
-        text_encoder=eval_(CLIPTextModel.from_pretrained(base, subfolder="text_encoder", dtype=wdt, **local)),
-        tokenizer=CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **local),
-        image_encoder=eval_(CLIPVisionModelWithProjection.from_pretrained(base, subfolder="image_encoder",
-                                                                          dtype=wdt, **local)),
-        feature_extractor=CLIPImageProcessor.from_pretrained(base, subfolder="feature_extractor", **local),
-        cn_text_encoder=eval_(CLIPTextModel.from_pretrained(sd15, subfolder="text_encoder", dtype=wdt,
-                                                            **local)),
-        cn_tokenizer=CLIPTokenizer.from_pretrained(sd15, subfolder="tokenizer", **local),
-        scheduler_config={**DDIMScheduler.load_config(base, subfolder="scheduler", **local),
-                          **SCHEDULER_SETTINGS},
-        device=dev,
-    )
+def _note(name: str, value: torch.Tensor | np.ndarray) -> None:
+    record = _RECORDER.get()
+    if record is not None:
+        arr = value.detach().float().cpu().numpy() if isinstance(value, torch.Tensor) else np.array(value)
+        record[name].append(arr)
 
 
-# ---- per-call options -------------------------------------------------------------------------------------
+def vae_noise_seed(params: Any) -> int:
+    """The seed of the VAE posterior noise: ``vae_noise_seed``, else ``seed + 1`` (its own stream, so the
+    initial latents stay the first draw of the ``seed`` stream, as in the reference)."""
+    explicit = getattr(params, "vae_noise_seed", None)
+    return int(params.seed) + 1 if explicit is None else int(explicit)
 
 
 @dataclass(frozen=True)
@@ -120,6 +70,9 @@ class StepOptions:
     controlnet_scale: float = 1.0
     controlnet_batch: int = 8  # ControlNet images per forward (micro-batch)
     split_cfg: bool = False  # UNet on the CFG halves one after the other (less activation memory)
+    # Where the ControlNet's scale is 0: "none" = no control branch; "reference" = the adapter's mid output
+    # for zero residuals is still added (StableV2V adds it, and drops only the down residuals).
+    zero_control: str = "none"
 
     @property
     def cfg(self) -> bool:
@@ -133,7 +86,8 @@ def _opt(params: Any, name: str, default: Any) -> Any:
 
 def step_options(params: Any) -> StepOptions:
     return StepOptions(float(params.guidance_scale), float(params.controlnet_scale),
-                       int(_opt(params, "controlnet_batch", 8)), bool(_opt(params, "split_cfg", False)))
+                       int(_opt(params, "controlnet_batch", 8)), bool(_opt(params, "split_cfg", False)),
+                       str(_opt(params, "zero_control", "none")))
 
 
 @dataclass
@@ -201,9 +155,18 @@ def control_residuals(cig: CIG, x: torch.Tensor, t: torch.Tensor, cond: WindowCo
     return [torch.cat(parts) for parts in out_down], (torch.cat(out_mid) if out_mid else None)
 
 
+def zero_control_mid(cig: CIG, x: torch.Tensor, t: torch.Tensor, cond: WindowCond) -> torch.Tensor | None:
+    """The reference at ControlNet scale 0: the adapter's mid output for zero residuals, ``[B*F, C, h', w']``."""
+    n, _, f, h, w = x.shape
+    scale = 2 ** (len(cig.unet.config.block_out_channels) - 1)  # the mid block's resolution
+    mid = cig.adapter.mid_for_zero_input(f, (h // scale, w // scale), t.to(x.device), cond.image_embeds)
+    return None if mid is None else mid.repeat(n, 1, 1, 1)  # the same for every CFG half
+
+
 def guided_prediction(cig: CIG, latents: torch.Tensor, t: torch.Tensor, cond: WindowCond,
                       opts: StepOptions, control_on: bool) -> torch.Tensor:
-    """Classifier-free-guided v-prediction for latents ``[1, 4, F, h, w]``."""
+    """Classifier-free-guided v-prediction for latents ``[1, 4, F, h, w]``; ``control_on`` False: the
+    ControlNet's scale is 0 at this step (see ``StepOptions.zero_control``)."""
     n = 2 if opts.cfg else 1
     x = latents.repeat(n, 1, 1, 1, 1)
     f = x.shape[2]
@@ -214,6 +177,8 @@ def guided_prediction(cig: CIG, latents: torch.Tensor, t: torch.Tensor, cond: Wi
     down = mid = None
     if control_on:
         down, mid = control_residuals(cig, x, t, cond, opts)
+    elif opts.zero_control == "reference":
+        mid = zero_control_mid(cig, x, t, cond)
     groups = [slice(k, k + 1) for k in range(n)] if opts.split_cfg else [slice(0, n)]
     preds = []
     for g in groups:
@@ -237,10 +202,10 @@ def control_keep(steps: int, start: float, end: float) -> list[bool]:
 
 def denoise(cig: CIG, latents: torch.Tensor, cond: WindowCond, opts: StepOptions, steps: int,
             start: float = 0.0, end: float = 1.0) -> torch.Tensor:
-    """DDIM (eta 0) from noise ``latents`` over ``steps`` steps; ControlNet off outside [start, end].
+    """DDIM (eta 0) from noise ``latents`` over ``steps`` steps; ControlNet scale 0 outside [start, end].
 
-    A ControlNet scale of 0 switches the whole control branch off (the reference then still added the
-    adapter's output for zero mid residuals; here "no control" means no control).
+    By default a scale of 0 (``controlnet_scale`` 0, or a step outside the control window) switches the whole
+    control branch off; ``opts.zero_control == "reference"`` adds the adapter's mid output as StableV2V does.
     """
     from diffusers import DDIMScheduler
 
@@ -250,6 +215,8 @@ def denoise(cig: CIG, latents: torch.Tensor, cond: WindowCond, opts: StepOptions
     for i, t in enumerate(scheduler.timesteps):
         v = guided_prediction(cig, scheduler.scale_model_input(latents, t), t, cond, opts, keep[i])
         latents = scheduler.step(v, t, latents, eta=0.0).prev_sample
+        _note("v_guided", v)
+        _note("latents", latents)
     return latents
 
 
@@ -287,13 +254,19 @@ def _clip_pixels(cig: CIG, frame: np.ndarray) -> torch.Tensor:
 
 def _image_conditioning(cig: CIG, frame: np.ndarray, n_frames: int, gen: torch.Generator, dtype: torch.dtype,
                         offload: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positive CLIP image embedding [1,1,D] and image latents [1,4,F,h,w] (frame 0 + k/(F-1) planes)."""
+    """Positive CLIP image embedding [1,1,D] and image latents [1,4,F,h,w] (frame 0 + k/(F-1) planes);
+    the VAE posterior noise is drawn from ``gen``."""
     with _placed(cig, offload, cig.image_encoder):
         pixels = _clip_pixels(cig, frame).to(cig.device, dtype)
         embeds = cig.image_encoder(pixels).image_embeds[:, None]
     with _placed(cig, offload, cig.vae):
-        x = torch.from_numpy(frame).permute(2, 0, 1)[None].to(cig.device, torch.float32) / 127.5 - 1.0
-        lat = cig.vae.encode(x).latent_dist.sample(generator=gen) * cig.vae.config.scaling_factor
+        # /255*2-1 in this order, as diffusers' image processor (bit-identical VAE input)
+        x = torch.from_numpy(frame.astype(np.float32) / np.float32(255.0)).permute(2, 0, 1)[None]
+        dist = cig.vae.encode(2.0 * x.to(cig.device) - 1.0).latent_dist
+        # latent_dist.sample(gen), spelled out so the noise can be recorded
+        noise = randn_tensor(dist.mean.shape, generator=gen, device=dist.mean.device, dtype=dist.mean.dtype)
+        lat = (dist.mean + dist.std * noise) * cig.vae.config.scaling_factor
+    _note("vae_noise", noise)
     lat = lat[:, :, None].to(dtype)
     planes = [torch.full_like(lat, (k + 1) / (n_frames - 1)) for k in range(n_frames - 1)]
     return embeds.to(dtype), torch.cat([lat, *planes], dim=2)
@@ -301,7 +274,7 @@ def _image_conditioning(cig: CIG, frame: np.ndarray, n_frames: int, gen: torch.G
 
 def _decode(cig: CIG, latents: torch.Tensor, chunk: int, offload: bool) -> np.ndarray:
     """Latents [1,4,F,h,w] -> uint8 frames [F,H,W,3], ``chunk`` frames per VAE call."""
-    flat = latents[0].permute(1, 0, 2, 3).float() / cig.vae.config.scaling_factor
+    flat = 1 / cig.vae.config.scaling_factor * latents[0].permute(1, 0, 2, 3).float()  # as the reference
     out = []
     with _placed(cig, offload, cig.vae):
         for s in range(0, flat.shape[0], max(1, chunk)):
@@ -344,10 +317,16 @@ def cig_generate(cig: CIG, edited_frame: np.ndarray, refined_depth: np.ndarray, 
     depth = np.nan_to_num(refined_depth.astype(np.float32))
     if depth.min() < -0.01 or depth.max() > 1.01:
         raise ValueError(f"refined depth must lie in 0..1, got {depth.min():.3g}..{depth.max():.3g}")
+    # The 8-bit grid of the reference's depth PNGs (what the depth ControlNet was trained on): a float16 depth
+    # of k/255 becomes exactly the reference's control value k/255.
+    depth = np.round(np.clip(depth, 0.0, 1.0) * 255.0).astype(np.float32) / np.float32(255.0)
     dtype, offload = DTYPES[params.dtype], bool(params.cpu_offload)
     opts = step_options(params)
     _cast(cig, dtype)
+    # Two CPU streams: the initial latents are the first draws of ``seed``'s (the reference's generator,
+    # seed 0 included); the VAE posterior noise has its own (the reference's comes from the global RNG).
     gen = torch.Generator("cpu").manual_seed(int(params.seed))
+    vae_gen = torch.Generator("cpu").manual_seed(vae_noise_seed(params))
     prompts = ([params.negative_prompt or ""] if opts.cfg else []) + [params.prompt]
     with _placed(cig, offload, cig.text_encoder, cig.cn_text_encoder):
         text = _encode_text(cig.text_encoder, cig.tokenizer, prompts, cig.device, True)
@@ -358,17 +337,20 @@ def cig_generate(cig: CIG, edited_frame: np.ndarray, refined_depth: np.ndarray, 
     for s in window_starts(n, window, overlap):
         e = n if window <= 0 else min(n, s + window)
         first = edited_frame if s == 0 else out[s]
-        embeds, image_latents = _image_conditioning(cig, first, e - s, gen, dtype, offload)
+        embeds, image_latents = _image_conditioning(cig, first, e - s, vae_gen, dtype, offload)
+        _note("image_latents", image_latents)
         control = torch.from_numpy(depth[s:e, None]).expand(-1, 3, -1, -1).to(cig.device, dtype)
         lat_h, lat_w = image_latents.shape[-2:]
         if control.shape[-2:] != (8 * lat_h, 8 * lat_w):  # pool to the actual latent size (not to 512)
             control = F.adaptive_avg_pool2d(control, (8 * lat_h, 8 * lat_w))
         cond = WindowCond(text, cn_text, image_latents, embeds, control, int(params.fps))
         noise = randn_tensor((1, 4, e - s, lat_h, lat_w), generator=gen, device=cig.device, dtype=dtype)
+        _note("initial_latents", noise)
         with _placed(cig, offload, *cig.denoisers()):
             latents = denoise(cig, noise, cond, opts, int(params.steps),
                               float(params.control_guidance_start), float(params.control_guidance_end))
         frames = _decode(cig, latents, int(_opt(params, "decode_chunk", 4)), offload)
+        _note("frames", frames)
         # Cross-fade the frames this window shares with the previous one (weight 0 on the shared first
         # frame, which conditioned this window), then append the rest.
         shared = done - s

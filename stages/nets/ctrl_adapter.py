@@ -236,6 +236,18 @@ class CtrlAdapter(nn.Module):
             mid_out = self.mid_block_adapter(mid_block_res_sample, num_frames, timesteps, context)
         return down_out, mid_out
 
+    def mid_for_zero_input(self, num_frames: int, size: tuple[int, int], timestep: torch.Tensor,
+                           encoder_hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """The mid adapter's output ``[F, C, h, w]`` for one clip whose mid residual is all zeros: what the
+        reference adds at ControlNet scale 0 (its residuals are then zeros; the down outputs it drops)."""
+        if self.mid_block_adapter is None:
+            return None
+        zeros = torch.zeros(num_frames, self.config.mid_channels or 1280, *size, device=timestep.device,
+                            dtype=self.dtype)
+        timesteps = timestep.reshape(-1).to(self.dtype).expand(num_frames)
+        context = encoder_hidden_states.reshape(1, 1, -1).to(self.dtype).expand(num_frames, 1, -1)
+        return self.mid_block_adapter(zeros, num_frames, timesteps, context)
+
 
 # ---- loading -----------------------------------------------------------------------------------------------
 
