@@ -13,6 +13,11 @@ ball -> cone clip (exact truth) and the bear fixture (bear -> elephant, a shape-
   ``paste-in-source-shape``: the edited pixels through the source object's silhouette, moved with it;
   ``paste-static``: the edited object pasted at its frame-0 place), plus the same untouched-background PSNR.
 
+* At the source's resolution (the export): the untouched-background PSNR against the source, for the
+  1280x720 static textured scene of ``tests/test_delivery.py`` and for the bear at its 854x480. Before: the
+  whole frame mapped back through the canvas (``restore_source: true`` then); after: ``output: source``
+  (``stages.export.deliver``: the source's own pixels outside the edit region).
+
 "Before" runs ``source_masks``' track, ``motion`` and ``propagate`` as they were at ``bench.masks.BEFORE_REV``
 (loaded from git); every other stage is today's. With ``--weights DIR`` (``clip/``, ``dover.onnx``,
 ``i3d_torchscript.pt``; see stages/nets/eval_models.py) the learned metrics are added for the bear.
@@ -261,6 +266,70 @@ def bear(args: argparse.Namespace) -> None:
             print(f"  {name:<24}{dist:.3f}")
     for name, out in outs.items():
         print(f"per-frame shape IoU, {name}: {np.round(out['shape_iou'].astype(float), 3).tolist()}")
+    bear_at_source(args, runs, near)
+
+
+# ---- at the source's resolution (the export) ----------------------------------------------------------
+
+def _at_source_rows(runs: dict[str, dict[str, np.ndarray]], source: np.ndarray, geometry: dict[str, Any]
+                    ) -> dict[str, np.ndarray]:
+    """Before: the whole frame through the canvas and back (``restore_source: true`` then); after: the
+    export's :func:`stages.export.deliver` (the source outside the edit region), and the whole-frame
+    restore of today's video beside it (what the canvas round trip alone costs)."""
+    from stages.export import deliver, restore_video
+
+    a = runs["after"]
+    return {"before: whole frame restored": restore_video(runs["before"]["video"], geometry),
+            "after: whole frame restored": restore_video(a["video"], geometry),
+            "after: delivered (output: source)": deliver(a["video"], source, geometry, a["frames"],
+                                                         a["object_masks"], a["shape_masks"], a["edited_frame"])}
+
+
+def _print_at_source(title: str, rows: dict[str, np.ndarray], source: np.ndarray, untouched: np.ndarray) -> None:
+    n = len(source)
+    print(f"\n{title}: untouched-background PSNR against the source, dB (100 = exact, capped)")
+    print(f"{'':<36}{'frame 1':>10}{f'frame {n - 1}':>10}{'mean 1..':>10}{'exact px':>10}")
+    for label, video in rows.items():
+        p = [metrics.psnr(video[t], source[t], untouched[t]) for t in range(1, n)]
+        exact = float(np.mean([(video[t][untouched[t]] == source[t][untouched[t]]).all(-1).mean()
+                               for t in range(1, n)]))
+        print(f"{label:<36}{p[0]:>10.2f}{p[-1]:>10.2f}{np.mean(p):>10.2f}{exact:>10.3f}")
+
+
+def static_scene_at_source(n: int) -> None:
+    """The 1280x720 static textured scene of tests/test_delivery.py (a flat disc and its shadow -> a green
+    square), on the reference's squashed 512² canvas, exported at 1280x720."""
+    from test_delivery import scene
+
+    from stages.ingest import SourceClip, canvas_geometry
+
+    sc = scene(n)
+    params = IngestParams(n_frames=n)
+    a = get_stage("ingest").run(SourceClip(sc["frames"], np.arange(n), sc["masks"][:1], n).arrays(), params)
+    a["first_frame_image"] = sc["edited"]
+    a.update(get_stage("edit").run(a, backend="provided"))
+    base = {"frames": a["frames"], "provided_masks": a["provided_masks"], "edited_frame": a["edited_frame"]}
+    base["flows"] = get_stage("flow").run(base)["flows"]
+    runs = {label: aligner(base, old, {}) for label, old in (("before", Before()), ("after", None))}
+    h, w = sc["frames"].shape[1:3]
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (129, 129))  # 64 px away from everything touched
+    untouched = np.stack([cv2.dilate((m | s | q).astype(np.uint8), kernel) == 0
+                          for m, s, q in zip(sc["masks"], sc["shadows"], sc["squares"], strict=True)])
+    rows = _at_source_rows(runs, sc["frames"], canvas_geometry(w, h, params))
+    _print_at_source(f"static textured scene {w}x{h}, {n} frames, 512² squash canvas, 64 px from the truth",
+                     rows, sc["frames"], untouched)
+
+
+def bear_at_source(args: argparse.Namespace, runs: dict[str, dict[str, np.ndarray]], near: np.ndarray) -> None:
+    """The bear exported at its 854x480: untouched = 16 canvas px away from every run's masks."""
+    from stages.export import _mask_to_source
+    from stages.ingest import canvas_geometry
+
+    source = read_source(BEAR / "frames", IngestParams(n_frames=args.frames)).frames
+    geometry = canvas_geometry(source.shape[2], source.shape[1], IngestParams(width=args.size, height=args.size))
+    untouched = ~np.stack([_mask_to_source(m, geometry) for m in near])
+    rows = _at_source_rows(runs, source, geometry)
+    _print_at_source(f"bear at its {source.shape[2]}x{source.shape[1]}", rows, source, untouched)
 
 
 def main() -> None:
@@ -274,6 +343,7 @@ def main() -> None:
     if not args.skip_family:
         print_family(family_figures(args.frames), per_clip=False)
     ball_cone(args.frames)
+    static_scene_at_source(args.frames)
     bear(args)
     print(f"total {time.perf_counter() - start:.1f}s")
 

@@ -23,6 +23,7 @@ Pipelines load from local folders only (``local_files_only=True``), once per wor
 from __future__ import annotations
 
 import json
+import logging
 import os
 from functools import partial
 from pathlib import Path
@@ -33,8 +34,10 @@ import numpy as np
 from pydantic import Field
 
 from stages.base import ArraySpec, Backend, MissingWeightsError, Stage, StageInputError
-from stages.ingest import CanvasParams, canvas_geometry, warp_to_canvas
+from stages.ingest import CanvasParams, canvas_geometry, source_size, warp_to_canvas
 from stages.prompts import DEFAULT_NEGATIVE_PROMPT
+
+log = logging.getLogger("v2v.edit")
 
 # Reference margins (px on the 512² canvas): PBE 9x9 kernel once (+4), SD-inpaint 19x19 x 9 (+81),
 # sketch script 19x19 x 5 (+45).
@@ -164,9 +167,46 @@ def _composite(generated: np.ndarray, frame: np.ndarray, region: np.ndarray, par
 
 # ---- backends -------------------------------------------------------------------------------------
 
-def provided(*, model: None, params: EditParams, first_frame_image: np.ndarray) -> dict[str, np.ndarray]:
+ASPECT_TOLERANCE = 0.01  # a resize's rounding stays far inside it (854x480 from 1280x720: 0.05 %)
+
+
+def first_frame_fit(image_size: tuple[int, int], source_size: tuple[int, int], canvas: tuple[int, int]
+                    ) -> str | None:
+    """Why a first frame of ``image_size`` (w, h) is stretched to the source's ``source_size`` before going
+    onto the canvas; None when its aspect is the source's (within 1 %) or it is canvas-sized (a canvas image,
+    taken as it is)."""
+    (w, h), (sw, sh) = image_size, source_size
+    if (w, h) == tuple(canvas) or abs((w / h) / (sw / sh) - 1) <= ASPECT_TOLERANCE:
+        return None
+    return (f"the edited first frame is {w}x{h} (aspect {w / h:.3f}) and the source {sw}x{sh} ({sw / sh:.3f}): "
+            "it is stretched to the source's size, so it lands where the frames do (give it at the source's "
+            "aspect if it is a crop)")
+
+
+def provided(*, model: None, params: EditParams, first_frame_image: np.ndarray, source: Any = None
+             ) -> dict[str, np.ndarray]:
+    """The user's frame on the canvas. With the ``source`` (ingest's reference, or a decoded clip), a frame
+    of another aspect is first stretched to the source's size: placed exactly as the frames are, in every
+    canvas mode (no bars where the frames have none), with a warning (:func:`first_frame_fit`)."""
     image = as_rgb(first_frame_image, "first_frame_image")
+    if source is not None:
+        sw, sh = source_size(source)
+        why = first_frame_fit((image.shape[1], image.shape[0]), (sw, sh), (params.width, params.height))
+        if why:
+            log.warning("edit (provided): %s", why)
+            shrink = sw * sh < image.shape[0] * image.shape[1]
+            image = cv2.resize(image, (sw, sh), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
     return {"edited_frame": to_canvas(image, params.canvas, params.width, params.height)}
+
+
+def _attrs(params: EditParams, first_frame_image: np.ndarray | None = None, source: Any = None, **_: Any
+           ) -> dict[str, Any]:
+    """The aspect fit's warning, kept with the artifact: the export repeats it with the job's name."""
+    if first_frame_image is None or source is None or first_frame_image.ndim < 2:
+        return {}
+    size = (first_frame_image.shape[1], first_frame_image.shape[0])
+    why = first_frame_fit(size, source_size(source), (params.width, params.height))
+    return {"warnings": [f"edit: {why}"]} if why else {}
 
 
 def _pil(a: np.ndarray) -> Any:
@@ -375,4 +415,5 @@ STAGE = Stage(
     },
     default_backend="provided",
     doc="The edited first frame on the canvas: the user's, or made by an image editor (diffusers).",
+    attrs_fn=_attrs,
 )

@@ -69,15 +69,16 @@ def _per_frame(masks: np.ndarray | None, n: int, shape: tuple[int, int], what: s
 
 def edit_region(frames: np.ndarray, video: np.ndarray, object_masks: np.ndarray | None = None,
                 shape_masks: np.ndarray | None = None, edited_frame: np.ndarray | None = None, *,
-                grow_px: int = 4, reach_px: int = 32, change_level: int = 12,
+                grow_px: int = 4, reach_px: int = 48, change_level: int = 12, rim_px: int = 4,
                 global_fraction: float = 0.3) -> np.ndarray | None:
     """The canvas pixels [frame, y, x] the edit may have touched; ``None`` = the whole frame.
 
-    Per frame: the old object ``O_t`` and the new shape ``S_t`` grown by ``grow_px``, plus the pixels the
+    Per frame: the old object ``O_t`` and the new shape ``S_t`` grown by ``grow_px``; the pixels the
     generator changed by more than ``change_level`` (any channel) within ``reach_px`` of them (the old
-    shadow ``propagate`` removed, a learned generator's shadow of the new object). ``None`` when no mask
-    is known, or when the edited first frame changed more than ``global_fraction`` of frame 0 away from
-    the masks (a restyle: the edit is the whole frame).
+    shadow ``propagate`` removed, with its search reach; a learned generator's shadow of the new object);
+    and any change at all within ``rim_px`` of those (anti-aliased edges, the fill's ramp). ``None`` when
+    no mask is known, or when the edited first frame changed more than ``global_fraction`` of frame 0 away
+    from the masks, at coarse scale (a restyle: the edit is the whole frame).
     """
     video = _check_video(video)
     if frames.shape != video.shape:
@@ -87,16 +88,21 @@ def edit_region(frames: np.ndarray, video: np.ndarray, object_masks: np.ndarray 
     n, shape = len(video), video.shape[1:3]
     masks = _per_frame(object_masks, n, shape, "object_masks") | _per_frame(shape_masks, n, shape, "shape_masks")
     if edited_frame is not None and edited_frame.shape == frames.shape[1:]:
+        # Low-passed: an editor's VAE re-rendering (noise at fine scales: the bear's reference edit, median
+        # 2.7 levels) is not a restyle (a colour or style change of the whole frame: a mild tint, 26).
         away = ~_grow(masks[0], reach_px)
-        diff = np.abs(edited_frame.astype(np.int16) - frames[0]).max(-1) > change_level
+        blur = [cv2.GaussianBlur(x.astype(np.float32), (0, 0), 4.0) for x in (edited_frame, frames[0])]
+        diff = np.abs(blur[0] - blur[1]).max(-1) > change_level
         if away.any() and float(diff[away].mean()) > global_fraction:
             return None
     close = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
     region = np.zeros((n, *shape), bool)
     for t in range(n):
-        changed = (np.abs(video[t].astype(np.int16) - frames[t]).max(-1) > change_level) & _grow(masks[t], reach_px)
+        diff = np.abs(video[t].astype(np.int16) - frames[t]).max(-1)
+        changed = (diff > change_level) & _grow(masks[t], reach_px)
         changed = cv2.morphologyEx(changed.astype(np.uint8), cv2.MORPH_CLOSE, close) > 0  # no pinholes
-        region[t] = _grow(masks[t], grow_px) | changed
+        core = _grow(masks[t], grow_px) | changed
+        region[t] = core | ((diff > 0) & _grow(core, rim_px))
     return region
 
 

@@ -37,8 +37,12 @@ from stages.source_io import (
     video_size,
 )
 
-__all__ = ["DECODE_STATS", "IMAGE_SUFFIXES", "STAGE", "VIDEO_SUFFIXES", "DecodeLimits", "IngestParams",
-           "SourceClip", "SourceRef", "read_source", "source_ref", "to_canvas", "with_digest"]
+__all__ = ["DECODE_STATS", "IMAGE_SUFFIXES", "MAX_CANVAS", "STAGE", "VIDEO_SUFFIXES", "CanvasParams", "DecodeLimits",
+           "IngestParams", "SourceClip", "SourceRef", "canvas_geometry", "read_source", "restore_from_canvas",
+           "source_ref", "to_canvas", "warp_to_canvas", "with_digest"]
+
+
+MAX_CANVAS = 4096  # px per side; 16 frames at 4096² are ~0.8 GB of RGB and ~4 GB of flow fields
 
 
 class CanvasParams(Params):
@@ -53,8 +57,9 @@ class CanvasParams(Params):
     @field_validator("width", "height")
     @classmethod
     def _multiple_of_64(cls, v: int) -> int:
-        if v % 64 or not 64 <= v <= 1024:
-            raise ValueError(f"canvas sides must be multiples of 64 between 64 and 1024, got {v}")
+        # The offline backends take any canvas the memory allows; learned ones have their own limits.
+        if v % 64 or not 64 <= v <= MAX_CANVAS:
+            raise ValueError(f"canvas sides must be multiples of 64 between 64 and {MAX_CANVAS}, got {v}")
         return v
 
 
@@ -163,8 +168,7 @@ class SourceRef:
         return [Path(self.masks, f) for f in self.mask_files] if self.mask_files else [Path(self.masks)]
 
     def to_json(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        return out
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> SourceRef:
@@ -250,11 +254,11 @@ def with_digest(ref: SourceRef) -> SourceRef:
 # ---- decoding on the worker -----------------------------------------------------------------------
 
 class _Reader:
-    """Reads a reference's files once each, hashing what it reads so the digest can be checked at the end."""
+    """Reads a reference's files once each, hashing what it reads: the digest is checked before any output."""
 
     def __init__(self, ref: SourceRef) -> None:
         self.ref = ref
-        self.parts: list[str] = []
+        self.parts: list[str] = []  # digests of the frames' files (a video: of the file)
 
     def frames(self, params: Any, found: VideoRead) -> Iterator[tuple[int, np.ndarray]]:
         ref = self.ref
@@ -263,7 +267,8 @@ class _Reader:
             yield from iter_video(Path(ref.path), params.start, params.stride, params.n_frames, ref.limits, found)
             return
         for i, name in zip(ref.index, ref.frames, strict=True):
-            data = self._read(Path(ref.path, name))
+            data, digest = self._read(Path(ref.path, name))
+            self.parts.append(digest)
             DECODE_STATS["frames"] += 1
             yield i, read_image(Path(ref.path, name), limits=ref.limits, data=data)
 
@@ -278,30 +283,27 @@ class _Reader:
             raise StageInputError(f"{path}: the file changed since planning (size or mtime); plan again")
         return ref.content
 
-    def _read(self, path: Path) -> bytes:
+    def _read(self, path: Path) -> tuple[bytes, str]:
         try:
             size = path.stat().st_size
         except FileNotFoundError:
             raise StageInputError(f"{path}: file not found") from None
         self.ref.limits.check_bytes(path, size, video=False)
         data = path.read_bytes()
-        self.parts.append(hashlib.sha256(data).hexdigest() if self.ref.digest else "")
-        return data
+        return data, hashlib.sha256(data).hexdigest() if self.ref.digest else ""
 
     def masks(self, index: list[int], available: int, size: tuple[int, int], params: Any) -> np.ndarray | None:
+        """The masks the frames taken use (all mask files are read: the digest covers them all)."""
         ref = self.ref
+        paths = ref.mask_paths()
+        read = [self._read(p) for p in paths]
+        self.check([d for _, d in read])
         if ref.masks is None:
             return None
-        paths = ref.mask_paths()
-        data = [self._read(p) for p in paths]
-        mask_digests, self.parts = self.parts[len(self.parts) - len(paths):], self.parts[:len(self.parts) - len(paths)]
-        if ref.digest and _combine(ref, self.parts, mask_digests) != ref.digest:
-            raise StageInputError(f"{ref.path}: the source changed since planning; plan again")
         chosen = _mask_choice(Path(ref.masks), len(paths), index, available, not ref.mask_files)
-        picks = [0] if chosen is None else chosen
         out = []
-        for i in picks:
-            m = read_image(paths[i], mask=True, limits=ref.limits, data=data[i])
+        for i in [0] if chosen is None else chosen:
+            m = read_image(paths[i], mask=True, limits=ref.limits, data=read[i][0])
             if m.shape != size:
                 raise StageInputError(f"{paths[i]}: mask is {m.shape[1]}x{m.shape[0]}, frames are {size[1]}x{size[0]}")
             if m.dtype != bool:  # object ids
@@ -309,10 +311,9 @@ class _Reader:
             out.append(m)
         return np.stack(out)
 
-    def check(self) -> None:
-        """For a source without masks: the frames' digest (with masks, :meth:`masks` checks)."""
+    def check(self, mask_digests: list[str]) -> None:
         ref = self.ref
-        if ref.digest and ref.masks is None and _combine(ref, self.parts, []) != ref.digest:
+        if ref.digest and _combine(ref, self.parts, mask_digests) != ref.digest:
             raise StageInputError(f"{ref.path}: the source changed since planning; plan again")
 
 
@@ -339,10 +340,7 @@ def _stream(ref: SourceRef, params: Any, each: Any) -> tuple[list[Any], list[int
     if not out:
         raise StageInputError(f"{ref.path}: no frames decoded")
     available = ref.available or found.seen
-    masks = reader.masks(index, available, first[:2], params) if ref.masks is not None else None
-    if masks is None:
-        reader.check()
-    return out, index, masks, available
+    return out, index, reader.masks(index, available, first[:2], params), available
 
 
 def decode(*, model: None, params: IngestParams, source: SourceRef | SourceClip) -> dict[str, np.ndarray]:

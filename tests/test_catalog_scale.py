@@ -4,14 +4,16 @@ field, every other row is planned and run, and the command exits 1."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+from test_flow_catalog import OFFLINE
+
 from flows.api import run_catalog
 from flows.config.demo_clip import make_demo_clip
 from flows.config.profiles import Profile
-from test_flow_catalog import OFFLINE
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = {"ingest": {"n_frames": 3, "width": 64, "height": 64}}
@@ -40,7 +42,7 @@ def test_bad_rows_in_a_long_catalog(tmp_path: Path) -> None:
         kind = list(BAD)[i // 15] if i % 15 == 7 else None
         job_id = f"job-{i:04d}" if kind != "bad-id" else f"bad id/{i}"
         if kind:
-            where[job_id] = (len(lines) + 1, BAD[kind][1])
+            where[job_id] = ("\n".join(lines).count("\n") + 2, BAD[kind][1])  # the row's `- id:` line
             body = BAD[kind][0].format(**fill)
         else:
             good.append(job_id)
@@ -59,7 +61,7 @@ def test_bad_rows_in_a_long_catalog(tmp_path: Path) -> None:
     assert len(failed) == len(BAD), ([(j, status[j].status) for j in where if j not in failed], where.keys())
     text = "\n".join(j.error or "" for j in report.failed)
     for job_id, (line, field) in where.items():
-        err = next(j.error for j in report.failed if j.error and f"line {line}" in j.error)
+        err = next(j.error for j in report.failed if j.error and re.search(rf"line {line}\b", j.error))
         assert field in err, (job_id, line, err, text)
     env = {**os.environ, "PYTHONPATH": str(REPO), "V2V_STORE": "", "V2V_PROFILE": ""}
     profile_file = tmp_path / "tiny.yaml"

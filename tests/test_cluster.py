@@ -319,5 +319,6 @@ def test_a_catalog_runs_across_both_nodes_and_survives_a_dead_worker_node(
     verified = store_verify(store.url)
     assert verified.returncode == 0 and " 0 damaged" in verified.stdout, verified.stdout + verified.stderr
     print(f"\ntwo-node run {first_s:.1f} s; fault run {fault_s:.1f} s (raylet killed at {killed_at:.1f} s, "
-          f"while it ran {task}, {len(failed)} job(s) failed, stage artifacts by node {split}, Ray retried a task: {retried}); "
+          f"while it ran {task}, {len(failed)} job(s) failed, stage artifacts by node {split}, "
+          f"Ray retried a task: {retried}); "
           f"next run {again_s:.1f} s")

@@ -55,6 +55,7 @@ def write_catalog(folder: Path, extra: str = "") -> Path:
     first_frame: {BEAR / 'edited-first-frame-elephant.png'}
     prompt: an elephant walking on the rocks in a zoo
     seed: 7
+    params: {{generate: {{feather_px: 2.0}}}}  # the seed alone would change nothing offline: propagate reads none
 {extra}"""
     path = folder / "catalog.yaml"
     path.write_text(text)
@@ -127,7 +128,7 @@ def test_catalog_runs_then_reruns_compute_nothing(tmp_path: Path, prefect_server
     assert [j.status for j in report.jobs] == ["done", "done", "done"], [j.error for j in report.jobs]
     stages_run = {s for p in plans for s in p.to_run()}
     assert "generate" in stages_run and "ingest" in stages_run
-    # Jobs sharing a source share its source stages: the two bear jobs differ only in the seed.
+    # Jobs sharing a source share its source stages: the two bear jobs differ only in the generator's feather.
     computed = delta(before)
     assert computed["ingest"] == 2 and computed["flow"] == 2 and computed["depth"] == 2
     assert computed["generate"] == 3
@@ -177,7 +178,7 @@ def test_parameter_change_reruns_exactly_the_stage_and_its_descendants(tmp_path:
     assert set(ran) == expected
     assert ran["motion"] == 2 and ran["generate"] == 3
     # A catalog row override touches that row only.
-    row = write_catalog(tmp_path / "row", extra="    params: {generate: {seed: 8}}\n")
+    row = write_catalog(tmp_path / "row", extra="    negative_prompt: blurry\n")
     run_catalog(row, profile=prof, store=store, orchestrator="inline")
     _, _, plans, _ = prepare_catalog(row, prof, store, {"params": {"evaluate": {"occlusion_check": False}}})
     assert [sorted(p.to_run()) for p in plans] == [["evaluate"]] * 3

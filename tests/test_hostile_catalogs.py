@@ -75,8 +75,6 @@ def test_a_duplicate_id_fails_the_later_rows_naming_both_lines_and_the_first_row
     assert err.where == f"{table} line 4" and "line 2 has it already" in err.message
 
 
-@pytest.mark.xfail(strict=True, reason="the scheduler keys job results by id: the failed duplicate row is merged "
-                                       "into the valid row's result (needs the flows/run fix in the notes)")
 def test_a_duplicate_row_does_not_cost_the_first_row_its_video(tmp_path: Path) -> None:
     from test_flow_catalog import offline_profile
 
@@ -249,8 +247,6 @@ def _read_only(store: Path) -> tuple[str, ...] | None:
     return ("unshare", "-m", "sh", "-c", script, "sh")
 
 
-@pytest.mark.xfail(strict=True, reason="the job manifest is written after the export and EROFS ends the run with "
-                                       "exit 3 (flows/run/manifest.py record(): see the notes)")
 def test_a_read_only_store_still_serves_a_fully_cached_run(workspace: Path) -> None:
     store, out = workspace / "store", workspace / "out"
     cat = workspace / "ro.yaml"

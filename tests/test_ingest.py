@@ -12,7 +12,15 @@ from conftest import BEAR, encode_mp4
 from flows.plan.calls import make_call
 from flows.run.execute import execute
 from stages.base import StageInputError
-from stages.ingest import STAGE, IngestParams, canvas_geometry, read_source, restore_from_canvas
+from stages.ingest import (
+    MAX_CANVAS,
+    STAGE,
+    IngestParams,
+    canvas_geometry,
+    read_source,
+    restore_from_canvas,
+    source_ref,
+)
 from storage import ArtifactStore
 
 
@@ -97,21 +105,23 @@ def test_letterbox_and_crop_geometry(mode: str) -> None:
 
 
 def test_key_depends_on_pixels_and_params_not_names(tmp_path: Path) -> None:
+    """The key covers the source files' bytes (a SourceRef's digest) and the parameters, not their names."""
     store = ArtifactStore(f"memory://{tmp_path.name}")
     copy = tmp_path / "renamed"
     shutil.copytree(BEAR / "frames", copy)
-    a = read_source(BEAR / "frames", IngestParams(n_frames=4))
-    b = read_source(copy, IngestParams(n_frames=4))
-    ka = make_call("ingest", params={"n_frames": 4}, inputs=a.arrays()).key
-    assert ka == make_call("ingest", params={"n_frames": 4}, inputs=b.arrays()).key
-    assert ka != make_call("ingest", params={"n_frames": 4, "canvas": "crop"}, inputs=a.arrays()).key
+    a = source_ref(BEAR / "frames", IngestParams(n_frames=4))
+    b = source_ref(copy, IngestParams(n_frames=4))
+    ka = make_call("ingest", params={"n_frames": 4}, inputs={"source": a.digest}).key
+    assert ka == make_call("ingest", params={"n_frames": 4}, inputs={"source": b.digest}).key
+    assert ka != make_call("ingest", params={"n_frames": 4, "canvas": "crop"}, inputs={"source": a.digest}).key
     im = np.asarray(Image.open(copy / "00002.jpg")).copy()
     im[0, 0] = 255 - im[0, 0]
     Image.fromarray(im).save(copy / "00002.png")
     (copy / "00002.jpg").unlink()
-    c = read_source(copy, IngestParams(n_frames=4))
-    assert make_call("ingest", params={"n_frames": 4}, inputs=c.arrays()).key != ka
-    out = execute(make_call("ingest", params={"n_frames": 4}, inputs=a.arrays()), store, externals=a.arrays())
+    c = source_ref(copy, IngestParams(n_frames=4))
+    assert make_call("ingest", params={"n_frames": 4}, inputs={"source": c.digest}).key != ka
+    out = execute(make_call("ingest", params={"n_frames": 4}, inputs={"source": a.digest}), store,
+                  externals={"source": a})
     assert not out.cached
     assert store.attrs(out.ref)["geometry"]["source_size"] == [854, 480]
 
@@ -196,4 +206,4 @@ def test_bad_canvas_is_refused() -> None:
     with pytest.raises(ValueError, match="multiples of 64"):
         IngestParams(width=500)
     with pytest.raises(StageInputError, match="bad parameters"):
-        STAGE.resolve_params({"height": 2048})
+        STAGE.resolve_params({"height": MAX_CANVAS + 64})  # 2048 before the canvas limit rose to MAX_CANVAS

@@ -97,7 +97,7 @@ def test_an_undeclared_read_fails_loudly() -> None:
     view = ParamsView(stage.params(), frozenset(), "stage 'depth_sim' (paste)")
     with pytest.raises(UndeclaredParamRead, match="params.mode"):
         _ = view.mode
-    assert getattr(ParamsView(stage.params(), frozenset({"mode"}), "x"), "mode") == stage.params().mode
+    assert ParamsView(stage.params(), frozenset({"mode"}), "x").mode == stage.params().mode
 
 
 # ---- on real arrays ---------------------------------------------------------------------------------

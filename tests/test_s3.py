@@ -54,6 +54,10 @@ def s3() -> Iterator[dict[str, Any]]:
         bucket = f"v2v-{uuid.uuid4().hex[:8]}"  # unique: stores are cached per URL in this process
         fs.mkdir(bucket)
         yield {"bucket": bucket, "endpoint": env["AWS_ENDPOINT_URL"], "env": env, "fs": fs}
+        # What this process still has to write to the bucket goes while the server is up (not at exit).
+        from flows.plan import externals
+
+        getattr(externals, "flush_indexes", lambda: None)()
         s3fs.S3FileSystem.clear_instance_cache()
     server.stop()
 

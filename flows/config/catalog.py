@@ -31,7 +31,7 @@ import csv
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -106,9 +106,9 @@ class Job(BaseModel):
         return self
 
     def inferred_mode(self) -> EditMode | None:
-        for mode, field in (("provided", "first_frame"), ("sketch", "sketch"), ("reference", "reference"),
+        for mode, given in (("provided", "first_frame"), ("sketch", "sketch"), ("reference", "reference"),
                             ("instruction", "instruction")):
-            if getattr(self, field):
+            if getattr(self, given):
                 return mode  # type: ignore[return-value]
         return None
 
@@ -162,6 +162,11 @@ def _printable(text: str, limit: int) -> str:
 class Catalog:
     path: Path | None
     entries: list[Job | RowError]  # in file order
+    wheres: dict[str, str] = field(default_factory=dict)  # job id -> "file line N" of a valid row
+
+    def where(self, job_id: str) -> str | None:
+        """Where a valid job's row is (planning errors name it like load errors do)."""
+        return self.wheres.get(job_id)
 
     @property
     def jobs(self) -> list[Job]:
@@ -199,6 +204,7 @@ def build_catalog(rows: list[tuple[str, dict[str, Any]]], *, base: Path, default
     """Validate ``(where, row)`` pairs; paths relative to ``base``."""
     entries: list[Job | RowError] = []
     seen: dict[str, tuple[str, str]] = {}  # casefolded id -> (id, where) of the row that owns it
+    wheres: dict[str, str] = {}
     for i, (where, row) in enumerate(rows):
         job_id = str(row.get("id") or f"row-{i + 1}")
         if "__bad__" in row:
@@ -229,7 +235,8 @@ def build_catalog(rows: list[tuple[str, dict[str, Any]]], *, base: Path, default
             entries.append(RowError(job_id, where, field, msg))
             continue
         entries.append(job)
-    return Catalog(source, entries)
+        wheres[job.id] = where
+    return Catalog(source, entries, wheres)
 
 
 def _where_short(first: str, here: str) -> str:

@@ -47,6 +47,19 @@ class RunnerConfig(BaseModel):
                            "(about 150 ms more per task here, and the workers need the Prefect API)")
 
 
+class LimitsConfig(BaseModel):
+    """What one source may ask of a worker, checked before decoding (stages.source_io.DecodeLimits: same
+    names and defaults). A job over a limit fails alone, with a one-line reason."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_pixels: int = Field(40_000_000, ge=1, description="pixels of one frame or image (8K UHD is 33.2 M); "
+                                                         "Pillow's own guard refuses images over 179 M regardless")
+    max_frames: int = Field(2_000, ge=1, description="frames one job takes from its source")
+    max_video_bytes: int = Field(64 << 30, ge=1, description="size of a source video file")
+    max_image_bytes: int = Field(256 << 20, ge=1, description="size of one image file (frame, mask, first frame)")
+
+
 class Profile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -60,6 +73,7 @@ class Profile(BaseModel):
     params: dict[str, dict[str, Any]] = Field(default_factory=dict, description="stage -> parameter overrides")
     restore_source: bool = Field(False, description="export at the source's aspect and size")
     formats: tuple[str, ...] = ("mp4", "gif", "png")
+    limits: LimitsConfig = LimitsConfig()
 
     def with_overrides(self, *, store: str | None = None, device: str | None = None, runner: str | None = None,
                        workers: int | None = None, ray_address: str | None = None,

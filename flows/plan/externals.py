@@ -1,45 +1,136 @@
-"""A job's external arrays (source clip, first frame, reference, sketch, shape), loaded lazily.
+"""A job's external inputs: a reference to its source clip, and its images (first frame, reference, sketch, shape).
 
-Keys need only the arrays' content digests. A fingerprint index in the store maps (path, size, mtime,
-parameters) to those digests, so planning a cached job decodes nothing: ``v2v plan`` and cached re-runs cost a
-few ``stat`` calls per job. The arrays themselves are decoded only when a stage that reads them must run.
+Keys need only content digests. The source is never decoded here: its input is a ``stages.ingest.SourceRef``
+(the files, and a streamed sha256 of their bytes), decoded by the worker that runs ingest. Images are small
+and decoded on demand (for their pixel digest, then again when a stage that reads them is submitted); the plan
+keeps neither frames nor images.
+
+The fingerprint index (``index/fingerprints/`` in the store) maps file stamps to those digests, so a warm plan
+costs a ``stat`` and a small read per file. A stamp is (size, mtime, ctime, inode, sha256 of the first and
+last 64 KiB: ``storage.stamps``): a file replaced in place with its size and mtime restored (``cp -p``,
+``rsync -t``, ``tar -x``) still moves its ctime, and a file up to 128 KiB (a frame, a mask, a tiny clip) is
+hashed whole. The entries live in batch documents written every ``FLUSH_EVERY`` new entries and at exit (one
+fsync per batch, not per job), read once per process and store.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
+import json
+import logging
 import os
+import posixpath
+import threading
+import time
+import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from storage.keys import array_digest, canonical_json
+from stages.source_io import DecodeLimits
+from storage.keys import array_digest
+from storage.stamps import file_stamp
 from storage.store import ArtifactStore
 
-SOURCE_ARRAYS = ("source_frames", "source_frame_index", "source_masks")
+log = logging.getLogger("v2v.plan")
+
+SOURCE_ARRAYS = ("source",)  # the source stage's external inputs
+MASKS = "source_masks"  # not an input: whether the source reference has masks (ingest's provided_masks)
 IMAGE_FIELDS = {"first_frame_image": "first_frame", "reference_image": "reference", "sketch_image": "sketch",
                 "provided_shape": "shape"}
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: stamps with ctime, inode and a partial hash; sources keyed by their bytes
+INDEX_DIR = "index/fingerprints"
+FLUSH_EVERY = 512  # new entries per batch document
+MAX_BATCHES = 32  # more batch documents than this are merged into one when the index is read
 
 
-def _stat_list(path: Path) -> list[Any]:
-    """What identifies a file or folder's content cheaply: names, sizes and mtimes."""
-    if path.is_file():
-        st = path.stat()
-        return [path.name, st.st_size, st.st_mtime_ns]
-    entries = []
-    for p in sorted(path.iterdir()):
-        if p.is_file():
-            st = p.stat()
-            entries.append([p.name, st.st_size, st.st_mtime_ns])
-    return entries
+def fingerprint(kind: str, paths: list[Path], extra: Any = None) -> str:
+    """What identifies these files' content cheaply (never a digest of the content itself)."""
+    record = [INDEX_VERSION, kind, extra, [[os.path.abspath(p), *file_stamp(p)] for p in paths]]
+    # Names, numbers and hex digests only: plain JSON is canonical here (and 3x cheaper than canonical_json).
+    return hashlib.sha256(json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode()).hexdigest()
 
 
-def fingerprint(kind: str, paths: list[Path | None], params: Any = None) -> str:
-    record = {"v": INDEX_VERSION, "kind": kind, "params": params,
-              "paths": [[str(p.resolve()), _stat_list(p)] if p is not None and p.exists() else None for p in paths]}
-    return hashlib.sha256(canonical_json(record).encode()).hexdigest()
+class FingerprintIndex:
+    """fingerprint -> entry for one store, read once per process; new entries are written in batches."""
+
+    def __init__(self, store: ArtifactStore) -> None:
+        self.store = store
+        self.entries: dict[str, dict[str, Any]] | None = None
+        self.pending: dict[str, dict[str, Any]] = {}
+        self.lock = threading.Lock()
+
+    def get(self, fp: str) -> dict[str, Any] | None:
+        with self.lock:
+            if self.entries is None:
+                self.entries = self._load()
+            return self.entries.get(fp)
+
+    def put(self, fp: str, entry: dict[str, Any]) -> None:
+        with self.lock:
+            if self.entries is None:
+                self.entries = self._load()
+            self.entries[fp] = entry
+            self.pending[fp] = entry
+            full = len(self.pending) >= FLUSH_EVERY
+        if full:
+            self.flush()
+
+    def flush(self) -> None:
+        with self.lock:
+            batch, self.pending = self.pending, {}
+        if not batch:
+            return
+        name = f"{time.time_ns()}-{uuid.uuid4().hex[:8]}"
+        try:
+            self.store.put_json(f"{INDEX_DIR}/{name}.json", {"v": INDEX_VERSION, "entries": batch})
+        except OSError as exc:  # a read-only store: the index is a cache, so only the next plan pays
+            log.debug("fingerprint index not written (%s)", exc)
+
+    def _load(self) -> dict[str, dict[str, Any]]:
+        names = self.store.list_json(INDEX_DIR)
+        entries: dict[str, dict[str, Any]] = {}
+        for name in names:
+            doc = self.store.get_json(f"{INDEX_DIR}/{name}.json", on_damage="quarantine")
+            if isinstance(doc, dict) and doc.get("v") == INDEX_VERSION and isinstance(doc.get("entries"), dict):
+                entries.update(doc["entries"])
+        if len(names) > MAX_BATCHES:
+            self._merge(names, entries)
+        return entries
+
+    def _merge(self, names: list[str], entries: dict[str, dict[str, Any]]) -> None:
+        """One document for many; a planner racing this one loses nothing it wrote after the listing."""
+        try:
+            self.store.put_json(f"{INDEX_DIR}/{time.time_ns()}-{uuid.uuid4().hex[:8]}.json",
+                                {"v": INDEX_VERSION, "entries": entries})
+            for name in names:
+                try:
+                    self.store.fs.rm_file(posixpath.join(self.store.root, INDEX_DIR, f"{name}.json"))
+                except FileNotFoundError:
+                    pass
+        except OSError as exc:
+            log.debug("fingerprint index not merged (%s)", exc)
+
+
+_INDEXES: dict[str, FingerprintIndex] = {}
+_INDEXES_LOCK = threading.Lock()
+
+
+def index_for(store: ArtifactStore) -> FingerprintIndex:
+    with _INDEXES_LOCK:
+        if store.url not in _INDEXES:
+            _INDEXES[store.url] = FingerprintIndex(store)
+        return _INDEXES[store.url]
+
+
+@atexit.register
+def flush_indexes() -> None:
+    """Write every index's pending entries (planning calls it at the end of a catalog; exit does too)."""
+    for index in list(_INDEXES.values()):
+        index.flush()
 
 
 def _davis_annotations(source: Path) -> Path | None:
@@ -51,35 +142,25 @@ def _davis_annotations(source: Path) -> Path | None:
     return ann if ann.is_dir() else None
 
 
-def read_image(path: Path, *, mask: bool = False) -> np.ndarray:
-    """uint8 RGB, or a bool mask (grey >= 128); clear errors name the file."""
-    from PIL import Image, UnidentifiedImageError
-
-    from stages.base import StageInputError
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if mask:
-                return np.asarray(im.convert("L")) >= 128
-            return np.ascontiguousarray(np.asarray(im.convert("RGB")))
-    except FileNotFoundError:
-        raise StageInputError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise StageInputError(f"{path}: unreadable or corrupt image ({exc})") from None
+def decode_limits(limits: Any) -> DecodeLimits:
+    """The profile's ``limits`` (a pydantic model, a mapping or DecodeLimits) as ingest's DecodeLimits."""
+    if limits is None or isinstance(limits, DecodeLimits):
+        return limits or DecodeLimits()
+    data = limits.model_dump() if hasattr(limits, "model_dump") else dict(limits)
+    return DecodeLimits(**data)
 
 
 class JobExternals:
-    """Digests now (from the index when possible), arrays on demand."""
+    """Digests now (from the index when possible); the source reference and the images on demand."""
 
-    def __init__(self, job: Any, ingest_params: dict[str, Any], store: ArtifactStore) -> None:
+    def __init__(self, job: Any, ingest_params: Mapping[str, Any], store: ArtifactStore, limits: Any = None) -> None:
         self.job = job
-        self.ingest_params = ingest_params
+        self.ingest_params = dict(ingest_params)
         self.store = store
-        self._arrays: dict[str, np.ndarray] = {}
+        self.limits = decode_limits(limits)
+        self._source: Any = None  # the SourceRef, hashed
+        self._layout: Any = None  # the SourceRef before hashing (its files and masks)
         self._digests: dict[str, str] = {}
-        self.has_masks: bool | None = None
-        self.decoded = False
 
     # ---- which externals this job can supply ------------------------------------------------------
     def names(self) -> set[str]:
@@ -90,82 +171,79 @@ class JobExternals:
         return out
 
     def supplies(self, name: str) -> bool:
-        """Whether the job really gives ``name`` (an optional source array such as masks: non-empty)."""
-        if name == "source_masks":
-            if self.has_masks is None:
-                self.source_digests()
-            return bool(self.has_masks)
+        """Whether the job really gives ``name``: an input, or ``source_masks`` (the source has masks)."""
+        if name == MASKS:
+            return bool(self._source_layout().has_masks)
         return name in self.names()
 
     # ---- source clip ---------------------------------------------------------------------------------
-    def _source_fingerprint(self) -> str:
-        src = Path(self.job.source)
-        masks = Path(self.job.masks) if self.job.masks else _davis_annotations(src)
-        return fingerprint("source", [src, masks], self.ingest_params)
+    def _source_layout(self) -> Any:
+        if self._layout is None:
+            from stages.ingest import IngestParams, source_ref
 
-    def _decode_source(self) -> None:
-        from stages.ingest import IngestParams, read_source
+            self._layout = source_ref(self.job.source, IngestParams(**self.ingest_params), self.job.masks,
+                                      limits=self.limits, hashed=False)
+        return self._layout
 
-        clip = read_source(self.job.source, IngestParams(**self.ingest_params), masks=self.job.masks)
-        arrays = clip.arrays()
-        self._arrays.update(arrays)
-        self._digests.update({n: array_digest(a) for n, a in arrays.items()})
-        self.has_masks = bool(arrays["source_masks"].size)
-        self.decoded = True
-        self.store.put_json(f"index/source/{self._source_fingerprint()}.json",
-                            {"digests": {n: self._digests[n] for n in SOURCE_ARRAYS}, "has_masks": self.has_masks,
-                             "source": str(self.job.source)})
+    def source_ref(self) -> Any:
+        """The ingest stage's input: a ``SourceRef`` with its digest (hashed once, then from the index)."""
+        if self._source is None:
+            import dataclasses
 
-    def source_digests(self) -> dict[str, str]:
-        if not all(n in self._digests for n in SOURCE_ARRAYS):
-            doc = self.store.get_json(f"index/source/{self._source_fingerprint()}.json")
-            if doc and set(doc.get("digests", {})) >= set(SOURCE_ARRAYS):
-                self._digests.update(doc["digests"])
-                self.has_masks = bool(doc.get("has_masks"))
+            from stages.ingest import with_digest
+
+            layout = self._source_layout()
+            index = index_for(self.store)
+            fp = fingerprint("source", layout.files(), list(layout.index))
+            hit = index.get(fp)
+            if hit and isinstance(hit.get("digest"), str) and isinstance(hit.get("content", ""), str):
+                self._source = dataclasses.replace(layout, digest=hit["digest"], content=hit.get("content", ""))
             else:
-                self._decode_source()
-        return {n: self._digests[n] for n in SOURCE_ARRAYS}
+                self._source = with_digest(layout)
+                index.put(fp, {"digest": self._source.digest, "content": self._source.content})
+        return self._source
 
     # ---- images ----------------------------------------------------------------------------------------
     def _image_path(self, name: str) -> Path:
         return Path(getattr(self.job, IMAGE_FIELDS[name]))
 
     def _load_image(self, name: str) -> np.ndarray:
-        arr = read_image(self._image_path(name), mask=name == "provided_shape")
-        self._arrays[name] = arr
-        self._digests[name] = array_digest(arr)
-        self.store.put_json(f"index/image/{fingerprint(name, [self._image_path(name)])}.json",
-                            {"digest": self._digests[name]})
-        return arr
+        from stages.source_io import read_image
+
+        return read_image(self._image_path(name), mask=name == "provided_shape", limits=self.limits)
 
     def digest(self, name: str) -> str:
         if name in SOURCE_ARRAYS:
-            return self.source_digests()[name]
+            return str(self.source_ref().digest)
         if name not in self._digests:
-            doc = self.store.get_json(f"index/image/{fingerprint(name, [self._image_path(name)])}.json")
-            if doc and doc.get("digest"):
-                self._digests[name] = doc["digest"]
+            index = index_for(self.store)
+            fp = fingerprint(name, [self._image_path(name)])
+            hit = index.get(fp)
+            if hit and isinstance(hit.get("digest"), str):
+                self._digests[name] = hit["digest"]
             else:
-                self._load_image(name)
+                self._digests[name] = array_digest(self._load_image(name))
+                index.put(fp, {"digest": self._digests[name]})
         return self._digests[name]
 
-    def array(self, name: str) -> np.ndarray:
-        if name not in self._arrays:
-            if name in SOURCE_ARRAYS:
-                self._decode_source()
-            else:
-                self._load_image(name)
-            if self._digests.get(name) and array_digest(self._arrays[name]) != self._digests[name]:
-                raise RuntimeError(f"{name}: the file changed while planning; run again")
-        return self._arrays[name]
+    def array(self, name: str) -> Any:
+        """The source reference, or an image decoded now (not kept: the plan holds no arrays)."""
+        if name in SOURCE_ARRAYS:
+            return self.source_ref()
+        arr = self._load_image(name)
+        if self._digests.get(name) and array_digest(arr) != self._digests[name]:
+            raise RuntimeError(f"{name}: the file changed while planning; run again")
+        return arr
 
-    def arrays(self, names: list[str]) -> dict[str, np.ndarray]:
+    def arrays(self, names: list[str]) -> dict[str, Any]:
         return {n: self.array(n) for n in names}
 
 
 def clear_index(store: ArtifactStore) -> None:
-    """Forget every fingerprint (the next plan decodes sources again)."""
-    for sub in ("source", "image"):
+    """Forget every fingerprint (the next plan hashes sources again)."""
+    with _INDEXES_LOCK:
+        _INDEXES.pop(store.url, None)
+    for sub in ("source", "image", "fingerprints"):  # source/ and image/: the index before version 2
         path = os.path.join(store.root, "index", sub) if store.local else f"{store.root}/index/{sub}"
         if store.fs.exists(path):
             store.fs.rm(path, recursive=True)

@@ -223,7 +223,7 @@ def _plan_stages(plan: JobPlan, job: Job, profile: Profile, store: ArtifactStore
         raise StageInputError("no stage reads the source clip")
     source_over, _ = _param_layers(source_stage, job, profile, cli_params)
     source_params = source_stage.resolve_params(source_over).model_dump(mode="json")
-    ext = JobExternals(job, source_params, store)
+    ext = JobExternals(job, source_params, store, limits=profile.limits)
     resolved: dict[str, dict[str, Any]] = {source_stage.name: source_params}  # stage -> its resolved params
     plan.externals = ext
     available_ext = ext.names()
@@ -316,6 +316,9 @@ def plan_catalog(catalog: Catalog, profile: Profile, store: ArtifactStore, *,
         else:
             plan = plan_job(entry, profile, store, stages=ordered, cli_params=cli_params,
                             cli_backends=cli_backends)
+            where = catalog.where(entry.id)
+            if plan.error is not None and where:  # named like a load error: the row's line, then the field
+                plan.error = f"{where}: {plan.error}"
         plans.append(plan)
         if on_job:
             on_job(plan)

@@ -43,10 +43,21 @@ def _node() -> str:
     return socket.gethostname()
 
 
+def external_digest(value: Any) -> str:
+    """An external input's content digest: an array's own, or the one a reference carries (ingest's
+    ``SourceRef``: its files' bytes, hashed at planning; the stage checks what it reads against it)."""
+    if isinstance(value, np.ndarray):
+        return array_digest(value)
+    digest = getattr(value, "digest", None)
+    if not isinstance(digest, str) or not digest:
+        raise TypeError(f"external input of type {type(value).__name__}: neither an array nor a hashed reference")
+    return digest
+
+
 def execute(
     call: StageCall,
     store: ArtifactStore,
-    externals: Mapping[str, np.ndarray] | None = None,
+    externals: Mapping[str, Any] | None = None,
     device: str = "cpu",
     on_compute: Callable[[StageCall], None] | None = None,
     *,
@@ -62,7 +73,7 @@ def execute(
     if store.exists(ref):
         return Outcome(ref, True, 0.0)
     stage = get_stage(call.stage)
-    arrays: dict[str, np.ndarray] = {}
+    arrays: dict[str, Any] = {}  # upstream arrays, external arrays or references
     by_artifact: dict[ArtifactRef, list[str]] = {}
     for name, src in call.inputs.items():
         if isinstance(src, Upstream):
@@ -70,7 +81,7 @@ def execute(
         else:
             if externals is None or name not in externals:
                 raise ValueError(f"stage {call.stage!r}: external input {name!r} was not supplied")
-            if array_digest(externals[name]) != src:
+            if external_digest(externals[name]) != src:
                 raise ValueError(f"stage {call.stage!r}: external input {name!r} changed since planning")
             arrays[name] = externals[name]
     for upstream, names in by_artifact.items():

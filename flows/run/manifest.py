@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 from flows.plan.planner import JobPlan
@@ -17,7 +18,11 @@ def record(store: ArtifactStore, plan: JobPlan, result: JobResult) -> None:
                                         for s, r in result.stages.items()}}
     if plan.job is not None:
         extra.update({"source": str(plan.job.source), "mode": plan.job.mode, "prompt": plan.job.prompt})
-    store.record_job(plan.job_id, done, extra)
+    try:
+        store.record_job(plan.job_id, done, extra)
+    except OSError as exc:  # a read-only store still serves cached runs: their manifest is already there
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
 
 
 def done_refs(plan: JobPlan, result: JobResult) -> dict[str, ArtifactRef]:

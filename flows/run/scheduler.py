@@ -80,7 +80,9 @@ class Scheduler:
         self.reporter = reporter or NullReporter()
         self.start = start if start is not None else time.perf_counter()
         self.keys: dict[str, KeyTask] = {}
-        self.jobs = {p.job_id: JobTask(p, i, JobResult(p.job_id)) for i, p in enumerate(plans)}
+        self.jobs = {p.job_id: JobTask(p, i, JobResult(p.job_id)) for i, p in enumerate(plans) if p.ok}
+        # Rows refused at load are reported on their own: one may share its id with a valid row (a duplicate).
+        self.refused = [JobTask(p, i, JobResult(p.job_id)) for i, p in enumerate(plans) if not p.ok]
         self.ready: list[tuple[int, int, str]] = []  # (job rank, arrival, key): a heap
         self.arrival = itertools.count()
         self.running = 0  # stage calls in flight (exports take no slot)
@@ -91,7 +93,7 @@ class Scheduler:
 
     def run(self) -> RunReport:
         self.reporter.start(self.plans)
-        for job in self.jobs.values():
+        for job in [*self.refused, *self.jobs.values()]:
             self._add(job)
         for job in self.jobs.values():
             if job.state is JobState.STAGES and not job.open:  # every stage skipped
@@ -111,7 +113,7 @@ class Scheduler:
             else:
                 self._export_finished(self.jobs[name], outcome)
         flush_all()
-        results = [j.result for j in sorted(self.jobs.values(), key=lambda j: j.rank)]
+        results = [j.result for j in sorted([*self.refused, *self.jobs.values()], key=lambda j: j.rank)]
         return RunReport(results, time.perf_counter() - self.start, self.executor.name)
 
     def _add(self, job: JobTask) -> None:
