@@ -36,6 +36,9 @@ import importlib
 
 from stages.base import Stage
 
+# What a job exists to make: a job none of whose stages can produce it fails at planning, with the reason.
+DELIVERABLE = "video"
+
 # Stage modules in dependency order; each defines ``STAGE``.
 PIPELINE: tuple[str, ...] = (
     "ingest",

@@ -133,11 +133,15 @@ def test_composite_is_exact_outside_the_region_in_every_canvas_mode() -> None:
 
 def test_a_restyle_is_delivered_whole_and_masks_only_bound_the_generators_changes() -> None:
     rng = np.random.default_rng(2)
-    frames = rng.integers(0, 256, (3, 128, 128, 3), dtype=np.uint8)
+    frames = np.stack([np.clip(texture(128, 128, seed=s) + 0.5, 0, 255).astype(np.uint8) for s in range(3)])
     masks = np.zeros((3, 128, 128), bool)
     masks[:, 20:30, 20:30] = True
-    # The edited first frame changed most of frame 0 away from the masks: a restyle, the whole frame.
-    assert edit_region(frames, frames, masks, masks, 255 - frames[0]) is None
+    # The edited first frame changed the colours of frame 0 away from the masks: a restyle, the whole frame.
+    tint = np.clip(frames[0] * np.float32([1.2, 0.9, 0.7]), 0, 255).astype(np.uint8)
+    assert edit_region(frames, frames, masks, masks, tint) is None
+    # An editor's re-rendering (fine-scale noise of 12 levels everywhere): not a restyle.
+    noisy = np.clip(frames[0] + rng.normal(0, 12, frames[0].shape), 0, 255).astype(np.uint8)
+    assert edit_region(frames, frames, masks, masks, noisy) is not None
     # A generator that changed a shadow next to the object: that is in; the same change far away is not.
     video = frames.copy()
     video[:, 31:36, 20:30] = 0  # next to the object

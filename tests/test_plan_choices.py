@@ -47,3 +47,16 @@ def test_stale_causes_are_typed(tmp_path: Path) -> None:
     assert any(isinstance(c, cz.InputChanged) and c.name == "shape_masks"
                for c in plans[0].stages["depth_sim"].causes)
     assert all(c == cz.InStore() for c in plans[0].stages["flow"].causes)
+
+
+def test_a_job_that_can_make_no_video_fails_with_the_reason(tmp_path: Path) -> None:
+    from flows.api import run_catalog
+
+    ball = make_demo_clip(tmp_path / "ball")
+    cat = tmp_path / "nomask.yaml"
+    cat.write_text(f"jobs:\n  - id: ball\n    source: {ball['clip']}\n    first_frame: {ball['first_frame']}\n")
+    report, plans = run_catalog(cat, profile=offline_profile(tmp_path / "out"), store=str(tmp_path / "store"),
+                                orchestrator="inline")
+    job = report.jobs[0]
+    assert job.status == "failed" and "no video can be made" in (job.error or "")
+    assert "provided_masks" in (job.error or "")  # the skip's own reason: the row gives no masks

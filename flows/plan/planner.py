@@ -19,7 +19,7 @@ from flows.config.profiles import Profile
 from flows.plan import causes as cz
 from flows.plan.calls import StageCall, Upstream, make_call
 from flows.plan.externals import SOURCE_ARRAYS, JobExternals
-from stages import PIPELINE, available_stages
+from stages import DELIVERABLE, PIPELINE, available_stages
 from stages.base import Stage, StageInputError
 from storage.store import ArtifactNotFound, ArtifactRef, ArtifactStore
 
@@ -283,6 +283,12 @@ def _plan_stages(plan: JobPlan, job: Job, profile: Profile, store: ArtifactStore
             if needs is not None and not ext.supplies(needs):
                 continue
             produced[out] = name
+    if DELIVERABLE not in produced and any(DELIVERABLE in st.outputs for st in stages.values()):
+        # The first skip in the chain says why (the later ones only say "stage X skipped").
+        root = next((sp for sp in plan.stages.values() if sp.status == "skip" and any(
+            isinstance(c, cz.MissingInput) and not c.why.startswith("stage ") for c in sp.causes)), None)
+        why = f"stage {root.stage} is skipped: {root.reason}" if root else "its stage is skipped"
+        raise StageInputError(f"no {DELIVERABLE} can be made: {why}")
 
 
 def _skip_causes(missing: list[str], stages: Mapping[str, Stage], plan: JobPlan) -> tuple[cz.Cause, ...]:
