@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 
 from flows.plan.calls import StageCall, Upstream
+from flows.run.outcomes import UpstreamDamaged
 from stages import get_stage
+from storage.errors import ArtifactDamaged
 from storage.keys import array_digest
 from storage.store import ArtifactRef, ArtifactStore
 
@@ -85,7 +87,11 @@ def execute(
                 raise ValueError(f"stage {call.stage!r}: external input {name!r} changed since planning")
             arrays[name] = externals[name]
     for upstream, names in by_artifact.items():
-        arrays.update(store.read(upstream, names))
+        try:
+            arrays.update(store.read(upstream, names))
+        except ArtifactDamaged as exc:  # never compute from damaged data: move it aside, have it recomputed
+            store.quarantine(exc.ref, exc.what)
+            raise UpstreamDamaged(upstream.stage, upstream.key, exc.what) from None
     if on_compute:
         on_compute(call)
     waiting = time.perf_counter()

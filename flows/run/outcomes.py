@@ -18,6 +18,7 @@ class FailureKind(enum.Enum):
     STORE = "store"  # an artifact could not be committed or read back (CommitError)
     EXPORT = "export"  # the job's video files or contact sheet could not be written
     BLOCKED = "blocked"  # an upstream stage failed: this one never ran
+    DAMAGED = "damaged"  # an input artifact failed its checksums: quarantined, its stage runs again
     INTERNAL = "internal"  # any other exception: a bug, or the environment (memory, a lost worker)
 
 
@@ -30,6 +31,18 @@ class Done:
 class Failed:
     kind: FailureKind
     message: str
+    damaged: str | None = None  # DAMAGED: the key of the input artifact that was quarantined
+
+
+class UpstreamDamaged(RuntimeError):
+    """A stage's input artifact failed verification on read; it was quarantined (its key is ``key``)."""
+
+    def __init__(self, stage: str, key: str, what: str) -> None:
+        super().__init__(stage, key, what)
+        self.stage, self.key, self.what = stage, key, what
+
+    def __str__(self) -> str:
+        return f"input artifact {self.stage}/{self.key[:12]} damaged ({self.what}): quarantined"
 
 
 TaskOutcome = Done | Failed
@@ -41,6 +54,8 @@ def failure_of(exc: BaseException) -> Failed:
     """The typed failure for an exception a task raised (its text as the run summary shows it)."""
     from stages.base import StageInputError
 
+    if isinstance(exc, UpstreamDamaged):
+        return Failed(FailureKind.DAMAGED, str(exc), damaged=exc.key)
     if isinstance(exc, StageInputError):
         return Failed(FailureKind.INPUT, str(exc))
     if isinstance(exc, CommitError):

@@ -54,6 +54,7 @@ class KeyTask:
     needs: set[str] = field(default_factory=set)  # upstream keys not done yet
     children: set[str] = field(default_factory=set)
     state: KeyState = KeyState.WAITING
+    redone: bool = False  # computed again once after its artifact was found damaged (never twice)
 
 
 @dataclass
@@ -172,6 +173,8 @@ class Scheduler:
         if isinstance(outcome, Failed) and outcome.kind is FailureKind.BLOCKED:
             self._block(task)  # an executor that saw the upstream failure itself (Prefect's NotReady)
             return
+        if isinstance(outcome, Failed) and outcome.kind is FailureKind.DAMAGED and self._redo(task, outcome):
+            return
         task.state = KeyState.DONE if isinstance(outcome, Done) else KeyState.FAILED
         for i, (plan, sp) in enumerate(task.users):
             res = self.jobs[plan.job_id].result
@@ -195,6 +198,19 @@ class Scheduler:
             child_task.needs.discard(task.key)
             if not child_task.needs and child_task.state is KeyState.WAITING:
                 self._make_ready(child_task)
+
+    def _redo(self, task: KeyTask, outcome: Failed) -> bool:
+        """An input of ``task`` was damaged (and quarantined): its key goes READY again, ``task`` WAITING on it.
+
+        Once per key: a second damage of the same artifact is a failure like any other."""
+        up = self.keys.get(outcome.damaged or "")
+        if up is None or up.redone or up.state is not KeyState.DONE:
+            return False
+        up.redone, up.state = True, KeyState.WAITING
+        task.state, task.needs = KeyState.WAITING, {up.key}
+        up.children.add(task.key)
+        self._make_ready(up)
+        return True
 
     def _block(self, task: KeyTask) -> None:
         """-> BLOCKED, and every descendant with it (a key blocked twice is reported once)."""
