@@ -110,9 +110,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_HOME", str(work / "prefect-home"))
 
-    from flows.orchestrate import prefect_env
-    from flows.config.profiles import Profile, RunnerConfig
     from flows.api import run_catalog
+    from flows.config.profiles import Profile, RunnerConfig
+    from flows.orchestrate import prefect_env
 
     params = {"ingest": {"n_frames": args.frames, "width": args.size, "height": args.size}}
     catalog = make_catalog(work / "clips", args.jobs)

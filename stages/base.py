@@ -137,6 +137,10 @@ class Backend:
     # A fact about the job's own data under which ``auto`` prefers this backend over the stage's default
     # (``"per_frame_masks"``: the row gives a mask for every frame, so `provided` beats `track`).
     preferred_when: str | None = None
+    # Inputs in ``uses`` the backend reads when they are there (a direct ``Stage.run`` may leave them out).
+    optional: tuple[str, ...] = ()
+    # The largest canvas side (px) the backend takes (a network's memory or training size); None: any.
+    max_canvas: int | None = None
 
     def __post_init__(self) -> None:
         if self.uses is None:
@@ -219,12 +223,12 @@ class Stage:
         be = self.backend(backend)
         resolved = self.resolve_params(params)
         needed = self.used_inputs(be.name)
-        missing = [n for n in needed if n not in arrays]
+        missing = [n for n in needed if n not in arrays and n not in be.optional]
         if missing:
             raise StageInputError(f"stage {self.name!r} ({be.name}): missing inputs {missing}")
         model = load_model(self, be, weights, device) if be.load else None
         view = ParamsView(resolved, frozenset(self.read_fields(be.name)), f"stage {self.name!r} ({be.name})")
-        out = be.fn(model=model, params=view, **{n: arrays[n] for n in needed})
+        out = be.fn(model=model, params=view, **{n: arrays[n] for n in needed if n in arrays})
         for name, spec in self.outputs.items():
             if name not in out:
                 if name in self.optional_outputs:

@@ -396,17 +396,18 @@ def _editor(name: str, fn: Any, uses: tuple[str, ...]) -> Backend:
     # version 2: the reference runner's call (per-editor steps/CFG/seed, square mask dilation, PBE example
     # squashed onto the canvas)
     return Backend(name, fn, uses=uses, load=partial(load_editor, name), needs_weights=True, gpu=True,
-                   reads=EDITOR_READS[name], version="2")
+                   reads=EDITOR_READS[name], version="2", max_canvas=1024)
 
 
 STAGE = Stage(
     name="edit",
     version="1",
-    inputs=("frames", "object_masks", "first_frame_image", "reference_image", "sketch_image"),
+    inputs=("frames", "object_masks", "first_frame_image", "reference_image", "sketch_image", "source"),
     outputs={"edited_frame": ArraySpec(("y", "x", "channel"), "uint8")},
     params=EditParams,
     backends={
-        "provided": Backend("provided", provided, uses=("first_frame_image",), reads=("canvas", "width", "height")),
+        "provided": Backend("provided", provided, uses=("first_frame_image", "source"), optional=("source",),
+                            reads=("canvas", "width", "height")),
         "instructpix2pix": _editor("instructpix2pix", instructpix2pix, ("frames",)),
         "paint-by-example": _editor("paint-by-example", paint_by_example,
                                     ("frames", "object_masks", "reference_image")),

@@ -104,7 +104,7 @@ STAGE = Stage(
     backends={
         "dis": Backend("dis", dis_flows, reads=("dis_preset",)),
         "deepflow": Backend("deepflow", deepflow_flows, reads=()),
-        "raft": Backend("raft", raft_flows, reads=("raft_iters", "raft_normalise"), load=_load_raft,
+        "raft": Backend("raft", raft_flows, max_canvas=1024, reads=("raft_iters", "raft_normalise"), load=_load_raft,
                         needs_weights=True, gpu=True),
     },
     default_backend="dis",

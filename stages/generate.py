@@ -129,7 +129,7 @@ STAGE = Stage(
         "propagate": Backend("propagate", _propagate, uses=PROPAGATE_USES, reads=PROPAGATE_READS, version="2"),
         # version 2: seeded like the reference (initial latents first), own VAE-noise stream, 8-bit control
         "i2vgenxl": Backend("i2vgenxl", _i2vgenxl, uses=("edited_frame", "refined_depth"), load=_load_cig,
-                            needs_weights=True, gpu=True, reads=I2VGENXL_READS, version="2"),
+                            needs_weights=True, gpu=True, reads=I2VGENXL_READS, version="2", max_canvas=1024),
     },
     default_backend="propagate",
     doc="The edited video: the edited object moved with the simulated motion (propagate), or I2VGen-XL "

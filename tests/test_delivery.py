@@ -362,3 +362,72 @@ def test_export_names_the_job_in_stage_warnings(tmp_path: Path, caplog: pytest.L
         job_outputs(store_url, None, "the-job", {**refs, "edit": "ed" * 32}, str(tmp_path / "out"), ("png",),
                     output="source", source=str(clip))
     assert "job the-job: edit: the edited first frame is 400x400" in caplog.text
+
+
+# ---- end to end: a catalog run (needs the profile's `output` and the scheduler passing the source) ------
+
+def _wired() -> bool:
+    from flows.config.profiles import Profile
+
+    return "output" in Profile.model_fields
+
+
+@pytest.mark.skipif(not _wired(), reason="the profile has no `output` yet (issue 15's wiring patch)")
+def test_catalog_run_delivers_at_the_source_by_default(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from flows.api import run_catalog
+    from flows.config.profiles import Profile
+
+    sc = scene(n=6)
+    folder, masks = tmp_path / "frames", tmp_path / "masks"
+    folder.mkdir(), masks.mkdir()
+    for i, (f, m) in enumerate(zip(sc["frames"], sc["masks"], strict=True)):
+        cv2.imwrite(str(folder / f"{i:05d}.png"), f[..., ::-1])
+        cv2.imwrite(str(masks / f"{i:05d}.png"), m.astype(np.uint8) * 255)
+    cv2.imwrite(str(tmp_path / "edited.png"), sc["edited"][..., ::-1])
+    square = cv2.resize(sc["edited"], (600, 600), interpolation=cv2.INTER_AREA)  # another aspect
+    cv2.imwrite(str(tmp_path / "square.png"), square[..., ::-1])
+    cat = tmp_path / "cat.yaml"
+    cat.write_text(f"jobs:\n  - id: wide\n    source: {folder}\n    masks: {masks}\n    first_frame: "
+                   f"{tmp_path / 'edited.png'}\n    fps: 25\n"
+                   f"  - id: squared\n    source: {folder}\n    masks: {masks}\n    first_frame: "
+                   f"{tmp_path / 'square.png'}\n")
+    prof = Profile(name="t", out=str(tmp_path / "out"), formats=("mp4", "png"),
+                   params={"ingest": {"n_frames": 6, "width": 256, "height": 256, "canvas": "letterbox"}},
+                   backends={"source_masks": "provided", "shape_mask": "change", "depth": "ground-prior"})
+    with caplog.at_level(logging.WARNING, logger="v2v.exports"):
+        report, _ = run_catalog(cat, profile=prof, store=str(tmp_path / "store"), orchestrator="inline")
+    jobs = {j.job_id: j for j in report.jobs}
+    assert all(j.status == "done" for j in jobs.values()), [(j.job_id, j.error) for j in jobs.values()]
+    frames, rate, samples, _ = decoded(jobs["wide"].outputs["mp4"])
+    assert frames.shape == (6, H, W, 3) and rate == Fraction(25) and samples is None
+    assert decoded(jobs["squared"].outputs["mp4"])[1] == Fraction(16)  # a folder without a row fps
+    for job in jobs.values():
+        pngs = np.stack([cv2.imread(str(p))[..., ::-1] for p in sorted(Path(job.outputs["png"]).glob("*.png"))])
+        # Frame 0 is the edited frame near the edit (48 canvas px, 240 source px here): squared's is lossy.
+        for t in range(0 if job.job_id == "wide" else 1, 6):
+            untouched = ~grow(sc["masks"][t] | sc["shadows"][t] | sc["squares"][t], 64)
+            assert np.array_equal(pngs[t][untouched], sc["frames"][t][untouched]), (job.job_id, t)
+    # The squared first frame was stretched to the source's aspect (no bars on the letterbox canvas).
+    assert "job squared: edit: the edited first frame is 600x600" in caplog.text
+    assert "job wide:" not in caplog.text
+
+
+@pytest.mark.skipif(not _wired(), reason="the learned backends declare no canvas limit yet (issue 15's patch)")
+def test_learned_backend_refuses_a_canvas_beyond_its_limit(tmp_path: Path) -> None:
+    from flows.config.catalog import load_catalog
+    from flows.config.profiles import Profile
+    from flows.plan.planner import plan_catalog
+    from storage import ArtifactStore
+
+    clip = write_clip(tmp_path / "c.mp4", n=4, audio=False)
+    cv2.imwrite(str(tmp_path / "e.png"), np.zeros((240, 320, 3), np.uint8))
+    cv2.imwrite(str(tmp_path / "m.png"), cv2.circle(np.zeros((240, 320), np.uint8), (160, 120), 30, 255, -1))
+    cat = tmp_path / "cat.yaml"
+    cat.write_text(f"jobs:\n  - id: big\n    source: {clip}\n    masks: {tmp_path / 'm.png'}\n    first_frame: "
+                   f"{tmp_path / 'e.png'}\n")
+    store = ArtifactStore(tmp_path / "store")
+    big = {"ingest": {"n_frames": 2, "width": 2048, "height": 1152}}
+    plans = plan_catalog(load_catalog(cat), Profile(name="t", params=big, backends={"flow": "raft"}), store)
+    assert "stage 'flow' (raft): the canvas 2048x1152 is beyond what this backend takes (1024" in plans[0].error
+    auto = plan_catalog(load_catalog(cat), Profile(name="t", params=big), store)[0]
+    assert auto.error is None and auto.stages["flow"].call.backend == "dis"

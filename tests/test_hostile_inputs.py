@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from test_flow_catalog import OFFLINE
 
 from conftest import BEAR, encode_mp4
 from flows.api import run_catalog
@@ -35,7 +36,6 @@ from stages.base import StageInputError
 from stages.ingest import DECODE_STATS, STAGE, IngestParams, read_source, source_ref
 from stages.source_io import DecodeLimits, read_image
 from storage import ArtifactStore
-from test_flow_catalog import OFFLINE
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = {"ingest": {"n_frames": 3, "width": 64, "height": 64}}

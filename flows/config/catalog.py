@@ -82,6 +82,8 @@ class Job(BaseModel):
     prompt: str = ""
     negative_prompt: str | None = None
     seed: int | None = Field(None, ge=0)
+    fps: float | None = Field(None, gt=0, le=1000, description="a frame folder's frame rate (a video: its own); "
+                                                              "default 16")
     params: dict[str, dict[str, Any]] = Field(default_factory=dict)
     backends: dict[str, str] = Field(default_factory=dict)
 

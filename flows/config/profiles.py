@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PROFILES_DIR = Path(__file__).resolve().parents[2] / "profiles"
 
@@ -71,9 +71,19 @@ class Profile(BaseModel):
     backends: dict[str, str] = Field(default_factory=dict, description="stage -> backend name or 'auto'")
     weights: dict[str, str] = Field(default_factory=dict, description="backend name -> weights file/folder")
     params: dict[str, dict[str, Any]] = Field(default_factory=dict, description="stage -> parameter overrides")
-    restore_source: bool = Field(False, description="export at the source's aspect and size")
+    output: Literal["source", "canvas"] = Field(
+        "source", description="source: the export at the source's size, aspect and frame rate with its audio, the "
+                              "source's own pixels outside the edit region; canvas: the generator's canvas as it is "
+                              "(the reference's squashed 512x512)")
+    restore_source: bool | None = Field(None, description="before `output`: true = output source, false = canvas")
     formats: tuple[str, ...] = ("mp4", "gif", "png")
     limits: LimitsConfig = LimitsConfig()
+
+    @model_validator(mode="after")
+    def _restore_source(self) -> Profile:
+        if self.restore_source is not None and "output" not in self.model_fields_set:  # a profile of before
+            self.output = "source" if self.restore_source else "canvas"
+        return self
 
     def with_overrides(self, *, store: str | None = None, device: str | None = None, runner: str | None = None,
                        workers: int | None = None, ray_address: str | None = None,

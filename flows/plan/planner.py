@@ -236,6 +236,11 @@ def _plan_stages(plan: JobPlan, job: Job, profile: Profile, store: ArtifactStore
                                   f"{sorted(stage.backends)} or 'auto'")
         chosen, missing = None, []
         for cand in _candidates(stage, choice, profile, facts):
+            too_big = _beyond_canvas(stage, cand, source_params)
+            if too_big and choice != "auto":
+                raise StageInputError(too_big)
+            if too_big:
+                continue
             need = stage.used_inputs(cand)
             missing = [i for i in need if i not in produced and i not in available_ext]
             if not missing:
@@ -289,6 +294,16 @@ def _plan_stages(plan: JobPlan, job: Job, profile: Profile, store: ArtifactStore
             isinstance(c, cz.MissingInput) and not c.why.startswith("stage ") for c in sp.causes)), None)
         why = f"stage {root.stage} is skipped: {root.reason}" if root else "its stage is skipped"
         raise StageInputError(f"no {DELIVERABLE} can be made: {why}")
+
+
+def _beyond_canvas(stage: Stage, backend: str, source_params: Mapping[str, Any]) -> str | None:
+    """Why ``backend`` cannot take the job's canvas (its ``max_canvas``), or None."""
+    limit = stage.backend(backend).max_canvas
+    w, h = source_params.get("width"), source_params.get("height")
+    if limit is None or not w or not h or max(w, h) <= limit:
+        return None
+    return (f"stage {stage.name!r} ({backend}): the canvas {w}x{h} is beyond what this backend takes ({limit} px "
+            f"a side); use a smaller canvas (ingest width/height) or the offline backend {stage.default_backend!r}")
 
 
 def _skip_causes(missing: list[str], stages: Mapping[str, Stage], plan: JobPlan) -> tuple[cz.Cause, ...]:

@@ -248,7 +248,8 @@ class Scheduler:
         self.handles[item] = self.executor.submit_outputs(plan.job_id, {
             "store_url": self.store.url, "store_options": self.store.storage_options or None,
             "job_id": plan.job_id, "refs": refs, "out_root": self.outputs.out_root,
-            "formats": tuple(self.outputs.formats), "restore_source": self.outputs.restore_source})
+            "formats": tuple(self.outputs.formats), "output": self.outputs.output, "source": str(plan.job.source),
+            "source_fps": plan.job.fps})
         self.executor.on_done(self.handles[item], lambda: self.events.put(item))
 
     def _export_finished(self, job: JobTask, outcome: TaskOutcome) -> None:
