@@ -46,6 +46,9 @@ def test_a_damaged_input_is_quarantined_and_recomputed_in_the_same_run(tmp_path:
     report, _ = run_catalog(cat, profile=prof, store=str(store), request=over, orchestrator="inline")
     assert all(j.status == "done" for j in report.jobs), [(j.job_id, j.error) for j in report.jobs]
     ran = delta(before)
+    bear = next(j for j in report.jobs if j.job_id == "bear")
+    assert any("damaged" in n and "recomputed" in n for n in bear.notes), bear.notes
+    assert "recomputed" in report.rows()[0]["reason"]
     assert ran.get("flow", 0) >= 1  # recomputed in this run
     st = open_store(str(store))
     assert any(flow_key in str(q.get("path", "")) or flow_key in str(q.get("name", "")) for q in st.quarantined())

@@ -32,6 +32,7 @@ class JobResult:
     error: str | None = None
     outputs: dict[str, str] = field(default_factory=dict)
     failure: FailureKind | None = None  # failed: the kind of the failure ``error`` describes
+    notes: list[str] = field(default_factory=list)  # what the run did about trouble (a damaged artifact redone)
 
     @property
     def computed(self) -> int:
@@ -68,7 +69,7 @@ class RunReport:
         return [{"job": j.job_id, "status": j.status, "seconds": round(j.seconds, 2),
                  "stages run": j.computed, "stages cached": j.cached,
                  "output": j.outputs.get("mp4") or j.outputs.get("contact_sheet") or "",
-                 "reason": j.error or ""} for j in self.jobs]
+                 "reason": j.error or "; ".join(j.notes)} for j in self.jobs]
 
 
 class Reporter(Protocol):

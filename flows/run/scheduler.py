@@ -207,6 +207,10 @@ class Scheduler:
         if up is None or up.redone or up.state is not KeyState.DONE:
             return False
         up.redone, up.state = True, KeyState.WAITING
+        for plan, _ in task.users + up.users:
+            note = f"{up.users[0][1].stage}: {outcome.message}, recomputed"
+            if note not in self.jobs[plan.job_id].result.notes:
+                self.jobs[plan.job_id].result.notes.append(note)
         task.state, task.needs = KeyState.WAITING, {up.key}
         up.children.add(task.key)
         self._make_ready(up)
