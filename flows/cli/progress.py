@@ -102,6 +102,8 @@ def summary_table(report: RunReport) -> Table:
         skipped = [s for s, r in j.stages.items() if r.status == "skipped"]
         if skipped and j.status != "failed":
             detail = f"{detail}  [dim](skipped: {escape(', '.join(skipped))})[/]"
+        if j.notes:
+            detail = f"{detail}  [yellow]{escape('; '.join(j.notes))}[/]"
         table.add_row(escape(j.job_id), f"[{style}]{escape(j.status)}[/]", f"{j.seconds:.1f}",
                       f"{j.computed} / {j.cached}", detail)
     return table
