@@ -4,7 +4,8 @@ and ``v2v run`` as the driver with the profile's runner address pointing at the 
 
 Every process is ours: each node is one ``ray start --block`` in its own session, stopped by its PID (SIGTERM
 makes it stop the Ray processes it started); anything left that names this cluster's temporary folder is
-killed by PID. Other Ray clusters on the machine are never touched. Slow: Ray starts in 10-20 s per node here.
+killed by PID. Other Ray clusters on the machine are never touched. Slow: both nodes take 7-32 s to start here,
+the module 100-180 s.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -170,7 +172,7 @@ def cluster(s3: dict[str, Any]) -> Iterator[Cluster]:  # noqa: F811
         for pid in _leftovers(root):  # e.g. workers of a node whose raylet was killed
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        subprocess.run(["rm", "-rf", str(root)], check=False)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def driver(cluster: Cluster, code: str, env: dict[str, str] | None = None, timeout: float = 120

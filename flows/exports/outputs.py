@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from stages import DELIVERABLE
 from storage.store import ArtifactRef, ArtifactStore
 
 log = logging.getLogger("v2v.exports")
@@ -111,7 +112,7 @@ def contact_sheet(store: ArtifactStore, refs: dict[str, ArtifactRef], path: Path
         declared = list(_declared_outputs(stage))
         for name in sorted(arrays, key=lambda n: (declared.index(n) if n in declared else len(declared), n)):
             data = arrays[name]
-            if stage == "ingest" and name == "source_frame_index":
+            if name == "source_frame_index":  # bookkeeping (which source frames), not a picture
                 continue
             if data.ndim <= 1 and data.size and data.dtype.kind in "fiub":
                 vals = data.astype(np.float64).ravel()
@@ -238,6 +239,11 @@ def _options(stamp: dict[str, Any]) -> dict[str, Any]:
             "source_fps": stamp["source_fps"], "contact": stamp["contact"]}
 
 
+def holder(done: dict[str, ArtifactRef], array: str) -> ArtifactRef | None:
+    """The job's artifact holding ``array``, found by the stages' declared outputs (never by a stage's name)."""
+    return next((ref for stage, ref in done.items() if array in _declared_outputs(stage)), None)
+
+
 def _write_outputs(store: ArtifactStore, done: dict[str, ArtifactRef], folder: Path, job_id: str, *,
                    formats: tuple[str, ...], output: str, source: str | None, source_fps: float | None,
                    contact: bool) -> dict[str, str]:
@@ -245,13 +251,13 @@ def _write_outputs(store: ArtifactStore, done: dict[str, ArtifactRef], folder: P
     for ref in done.values():  # what a stage found worth saying about this job's inputs (edit: an aspect fit)
         for warning in store.attrs(ref).get("warnings", ()):
             log.warning("job %s: %s", job_id, warning)
-    video_stage = next((s for s, ref in done.items() if "video" in store.attrs(ref).get("checksums", {})), None)
-    if video_stage is not None:
+    ref = holder(done, DELIVERABLE)
+    if ref is not None:
         from stages.export import export_video
 
-        ref = done[video_stage]
-        video = store.read(ref, ["video"])["video"]
-        ingest = store.attrs(done["ingest"]) if "ingest" in done else {}
+        video = store.read(ref, [DELIVERABLE])[DELIVERABLE]
+        placed = holder(done, "source_frame_index")  # the artifact that put the source on the canvas
+        ingest = store.attrs(placed) if placed is not None else {}
         geometry = ingest.get("geometry")
         fps, audio = _rate_and_audio(store, done, ingest, len(video), formats, source, source_fps,
                                      int(store.attrs(ref).get("params", {}).get("fps", 16)))
@@ -278,9 +284,10 @@ def _rate_and_audio(store: ArtifactStore, done: dict[str, ArtifactRef], ingest: 
     media = probe_source(source)
     if media.fps is None:  # a frame folder
         return Fraction(source_fps or 16).limit_denominator(1001) / stride, None
-    if not media.has_audio or "mp4" not in formats or "ingest" not in done:
+    placed = holder(done, "source_frame_index")
+    if not media.has_audio or "mp4" not in formats or placed is None:
         return media.fps / stride, None
-    first = int(store.read(done["ingest"], ["source_frame_index"])["source_frame_index"][0])
+    first = int(store.read(placed, ["source_frame_index"])["source_frame_index"][0])
     start = media.start + float(first / media.fps)
     return media.fps / stride, read_audio(source, start, float(n * stride / media.fps))
 
@@ -298,7 +305,7 @@ def _at_source(store: ArtifactStore, done: dict[str, ArtifactRef], video: np.nda
         return restore_video(video, geometry)
     params = IngestParams(**{k: v for k, v in ingest.get("params", {}).items() if k in IngestParams.model_fields})
     clip = read_source(source, params)
-    a = store.read(done["ingest"], ["frames", "source_frame_index"])
+    a = store.read(holder(done, "source_frame_index"), ["frames", "source_frame_index"])  # type: ignore[arg-type]
     # The same clip: the same frames taken, and on the canvas what ingest stored (a level of slack, in case a
     # decoder differs in its last bit; another clip is tens of levels away).
     same = np.array_equal(clip.frame_index, a["source_frame_index"]) and clip.frames.shape[1:3] == tuple(
@@ -308,9 +315,10 @@ def _at_source(store: ArtifactStore, done: dict[str, ArtifactRef], video: np.nda
     if not same:
         raise StageInputError(f"export: {source} is not the clip ingest read (its frames changed): run the job "
                               "again")
-    for stage, name in (("source_masks", "object_masks"), ("motion", "shape_masks"), ("edit", "edited_frame")):
-        if stage in done:
-            a.update(store.read(done[stage], [name]))
+    for name in ("object_masks", "shape_masks", "edited_frame"):
+        ref = holder(done, name)
+        if ref is not None:
+            a.update(store.read(ref, [name]))
     return deliver(video, clip.frames, geometry, a["frames"], a.get("object_masks"), a.get("shape_masks"),
                    a.get("edited_frame"))
 

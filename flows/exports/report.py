@@ -20,7 +20,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer  # module level: typer resolves the command's (string) annotations in these globals
 
-from stages import PIPELINE, metrics
+from stages import DELIVERABLE, PIPELINE, available_stages, metrics
 from storage.store import ArtifactNotFound, ArtifactRef, ArtifactStore, open_store
 
 log = logging.getLogger("v2v.report")
@@ -38,7 +38,8 @@ COLUMNS: list[tuple[str, str, str, bool]] = [
     ("background_psnr", "Bkg. PSNR", ".2f", True),
     ("seconds", "Time (s)", ".1f", False),
 ]
-VIDEO_STAGE = "generate"
+# The stage whose output is the job's deliverable, from the stage declarations (never named here).
+VIDEO_STAGE = next(name for name, st in available_stages().items() if DELIVERABLE in st.outputs)
 
 
 @dataclass
@@ -191,7 +192,7 @@ def _media(store: ArtifactStore, rep: JobReport, doc_artifacts: Mapping[str, str
     if not key:
         return
     try:
-        video = store.read(ArtifactRef(VIDEO_STAGE, key), ["video"])["video"]
+        video = store.read(ArtifactRef(VIDEO_STAGE, key), [DELIVERABLE])[DELIVERABLE]
     except (ArtifactNotFound, KeyError):
         return
     rep.video = f"media/{write_webm(video, media / f'{rep.job_id}.webm').name}"
