@@ -179,8 +179,10 @@ def read_image(path: Path | str, *, mask: bool = False, limits: DecodeLimits | N
             return np.ascontiguousarray(image_mask(im, p) if mask else image_rgb(im, p))
     except FileNotFoundError:
         raise StageInputError(f"{p}: file not found") from None
-    except Image.DecompressionBombError as exc:  # over Pillow's own 179 Mpx guard
-        raise StageInputError(f"{p}: refused as a decompression bomb ({exc})") from None
+    except Image.DecompressionBombError:  # over Pillow's own guard (179 Mpx), raised by the lazy open
+        most = 2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6
+        raise StageInputError(f"{p}: refused as a decompression bomb (over Pillow's limit of {most:.0f} Mpx)"
+                              ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         if isinstance(exc, StageInputError):
             raise

@@ -93,8 +93,8 @@ def test_a_bomb_first_frame_fails_only_its_job(tmp_path: Path) -> None:
                            str(prof_file), "--store", str(tmp_path / "store")], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    line = next(ln for ln in proc.stdout.splitlines() if "bomb-job" in ln)
-    assert "decompression bomb" in line, proc.stdout
+    row = proc.stdout[proc.stdout.index("bomb-job"):proc.stdout.index("big-job")]  # the job's table row
+    assert "bomb.png: refused as a decompression bomb" in " ".join(row.replace("│", " ").split()), proc.stdout
 
 
 def test_a_bomb_frame_in_a_folder_fails_at_ingest(tmp_path: Path) -> None:
@@ -145,9 +145,11 @@ def test_profile_limits_reach_planning_and_defaults_agree(tmp_path: Path) -> Non
     with pytest.raises(Exception, match="max_pixels"):
         Profile(limits={"max_pixels": 0})
     (tmp_path / "cat.yaml").write_text(yaml.safe_dump({"jobs": [
-        {"id": "four", "source": str(BEAR / "frames"), "first_frame": str(BEAR / "edited-first-frame-elephant.png"),
+        {"id": "four", "source": str(BEAR / "frames"), "masks": str(BEAR / "mask-00000.png"),
+         "first_frame": str(BEAR / "edited-first-frame-elephant.png"),
          "params": {"ingest": {"n_frames": 4}}},
-        {"id": "two", "source": str(BEAR / "frames"), "first_frame": str(BEAR / "edited-first-frame-elephant.png"),
+        {"id": "two", "source": str(BEAR / "frames"), "masks": str(BEAR / "mask-00000.png"),
+         "first_frame": str(BEAR / "edited-first-frame-elephant.png"),
          "params": {"ingest": {"n_frames": 2}}}]}))
     prof = Profile(name="t", backends=OFFLINE, limits={"max_frames": 2})
     plans = {p.job_id: p for p in plan_catalog(load_catalog(tmp_path / "cat.yaml"), prof,

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from PIL import Image
 from test_flow_catalog import OFFLINE
 
 from conftest import BEAR, encode_mp4
@@ -82,6 +83,9 @@ def _catalog(tmp_path: Path) -> Path:
 
     ball = make_demo_clip(tmp_path / "ball")
     video = encode_mp4(_clip(12, 128, 96), tmp_path / "moving.mp4")
+    mask = np.zeros((96, 128), np.uint8)
+    mask[30:60, 40:90] = 255
+    Image.fromarray(mask).save(tmp_path / "moving-mask.png")
     text = f"""jobs:
   - id: bear
     source: {BEAR / 'frames'}
@@ -93,6 +97,7 @@ def _catalog(tmp_path: Path) -> Path:
     first_frame: {ball['first_frame']}
   - id: moving
     source: {video}
+    masks: {tmp_path / 'moving-mask.png'}
     first_frame: {ball['first_frame']}
 """
     (tmp_path / "catalog.yaml").write_text(text)
@@ -115,9 +120,10 @@ def test_plans_hold_no_arrays_and_decode_no_source_frame(tmp_path: Path) -> None
         assert len(json.dumps(doc)) < 4000
         ingest = p.stages["ingest"]
         assert ingest.call.inputs["source"] == ref.digest and ingest.externals == ("source",)
-    # The masks decide ingest's optional output: bear and ball give masks, the plain video none.
-    assert {p.job_id: p.externals.supplies("source_masks") for p in plans} == {"bear": True, "ball": True,
-                                                                              "moving": False}
+    # The masks decide ingest's optional output (a mask file, a folder of them, none).
+    assert all(p.externals.supplies("source_masks") for p in plans)
+    bare = type("J", (), {"source": tmp_path / "moving.mp4", "masks": None})()
+    assert not ext_mod.JobExternals(bare, {"n_frames": 4}, store).supplies("source_masks")
 
 
 def test_ingest_from_a_reference_equals_the_decoded_clip(tmp_path: Path) -> None:

@@ -171,7 +171,11 @@ def inspect(job: Annotated[str, typer.Argument(help="job id")], store: StoreOpt 
     if doc.get("status") == "failed" and doc.get("error"):
         console.print(f"[red]last run failed:[/] {escape(str(doc['error']))}")
     refs = {s: ArtifactRef(s, k) for s, k in doc["artifacts"].items()}
-    path = contact_sheet(st, refs, sheet or Path(prof.out) / job / "contact-sheet.png")
+    if sheet is None:  # a remote `out:` (s3://...) is not a folder to write into here: the working directory
+        from flows.exports.outputs import is_url
+
+        sheet = (Path("out") if is_url(prof.out) else Path(prof.out)) / job / "contact-sheet.png"
+    path = contact_sheet(st, refs, sheet)
     console.print(f"contact sheet: [cyan]{escape(str(path))}[/]" if path else "no arrays to show")
 
 
