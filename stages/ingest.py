@@ -39,7 +39,7 @@ from stages.source_io import (
 
 __all__ = ["DECODE_STATS", "IMAGE_SUFFIXES", "MAX_CANVAS", "STAGE", "VIDEO_SUFFIXES", "CanvasParams", "DecodeLimits",
            "IngestParams", "SourceClip", "SourceRef", "canvas_geometry", "read_source", "restore_from_canvas",
-           "source_ref", "to_canvas", "warp_to_canvas", "with_digest"]
+           "source_ref", "source_size", "to_canvas", "warp_to_canvas", "with_digest"]
 
 
 MAX_CANVAS = 4096  # px per side; 16 frames at 4096² are ~0.8 GB of RGB and ~4 GB of flow fields

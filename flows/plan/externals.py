@@ -87,14 +87,18 @@ class FingerprintIndex:
         name = f"{time.time_ns()}-{uuid.uuid4().hex[:8]}"
         try:
             self.store.put_json(f"{INDEX_DIR}/{name}.json", {"v": INDEX_VERSION, "entries": batch})
-        except OSError as exc:  # a read-only store: the index is a cache, so only the next plan pays
+        except Exception as exc:  # a read-only store, say: the index is a cache, so only the next plan pays
             log.debug("fingerprint index not written (%s)", exc)
 
     def _load(self) -> dict[str, dict[str, Any]]:
         names = self.store.list_json(INDEX_DIR)
         entries: dict[str, dict[str, Any]] = {}
         for name in names:
-            doc = self.store.get_json(f"{INDEX_DIR}/{name}.json", on_damage="quarantine")
+            try:
+                doc = self.store.get_json(f"{INDEX_DIR}/{name}.json", on_damage="quarantine")
+            except Exception as exc:  # damaged and not even movable aside (read-only): rebuilt as needed
+                log.debug("fingerprint index batch %s skipped (%s)", name, exc)
+                continue
             if isinstance(doc, dict) and doc.get("v") == INDEX_VERSION and isinstance(doc.get("entries"), dict):
                 entries.update(doc["entries"])
         if len(names) > MAX_BATCHES:
@@ -111,7 +115,7 @@ class FingerprintIndex:
                     self.store.fs.rm_file(posixpath.join(self.store.root, INDEX_DIR, f"{name}.json"))
                 except FileNotFoundError:
                     pass
-        except OSError as exc:
+        except Exception as exc:
             log.debug("fingerprint index not merged (%s)", exc)
 
 
