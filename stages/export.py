@@ -304,6 +304,12 @@ def write_gif(video: np.ndarray, path: Path, fps: float | Fraction = 16) -> Path
     return path
 
 
+def _imwrite(path: Path, rgb: np.ndarray) -> None:
+    """cv2.imwrite, checked: it returns False (and writes nothing, or half) on a full disk or a bad path."""
+    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)) or not path.is_file():
+        raise OSError(f"could not write {path}")
+
+
 def write_pngs(video: np.ndarray, folder: Path) -> Path:
     """``folder/00000.png`` ...; the whole folder is swapped in at once (an old one is replaced)."""
     video = _check_video(video)
@@ -311,7 +317,7 @@ def write_pngs(video: np.ndarray, folder: Path) -> Path:
     tmp.mkdir(parents=True)
     try:
         for i, f in enumerate(video):
-            cv2.imwrite(str(tmp / f"{i:05d}.png"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+            _imwrite(tmp / f"{i:05d}.png", f)
         old = None
         if folder.exists():
             old = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.old")
@@ -374,5 +380,5 @@ def contact_sheet(video: np.ndarray, path: str | os.PathLike[str] | None = None,
     tiles += [np.zeros_like(tiles[0])] * (-len(tiles) % cols)
     sheet = np.vstack([np.hstack(tiles[r:r + cols]) for r in range(0, len(tiles), cols)])
     if path is not None:
-        cv2.imwrite(str(path), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+        _imwrite(Path(path), sheet)
     return sheet

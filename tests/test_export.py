@@ -126,3 +126,23 @@ def test_job_contact_sheet_is_in_pipeline_order_from_memory_or_store(tmp_path: P
     again = job_sheet(store, dict(reversed(list(refs.items()))), tmp_path / "again.png")
     assert again is not None
     assert np.array_equal(np.asarray(Image.open(again)), written)
+
+
+def test_png_export_on_a_full_disk_fails_and_leaves_no_half_folder(tmp_path: Path) -> None:
+    import subprocess
+
+    from stages.export import write_pngs
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        noise = np.random.default_rng(0).integers(0, 256, (24, 64, 64, 3), dtype=np.uint8)
+        with pytest.raises(OSError, match="could not write"):
+            write_pngs(noise, disk / "video_frames")
+        assert not (disk / "video_frames").exists()
+        assert not [p for p in disk.iterdir() if p.name.endswith(".tmp")]
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)

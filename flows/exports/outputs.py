@@ -148,7 +148,8 @@ def contact_sheet(store: ArtifactStore, refs: dict[str, ArtifactRef], path: Path
                             for r in rows], axis=0)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    cv2.imwrite(str(tmp), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+    if not cv2.imwrite(str(tmp), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR)):  # False on a full disk: no sheet
+        raise OSError(f"could not write the contact sheet {tmp}")
     os.replace(tmp, path)
     return path
 
