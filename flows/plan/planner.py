@@ -18,7 +18,7 @@ from flows.config.catalog import Catalog, Job, RowError
 from flows.config.profiles import Profile
 from flows.plan import causes as cz
 from flows.plan.calls import StageCall, Upstream, make_call
-from flows.plan.externals import SOURCE_ARRAYS, JobExternals
+from flows.plan.externals import SOURCE_ARRAYS, JobExternals, flush_indexes
 from stages import DELIVERABLE, PIPELINE, available_stages
 from stages.base import Stage, StageInputError
 from storage.store import ArtifactNotFound, ArtifactRef, ArtifactStore
@@ -343,4 +343,8 @@ def plan_catalog(catalog: Catalog, profile: Profile, store: ArtifactStore, *,
         plans.append(plan)
         if on_job:
             on_job(plan)
+    try:
+        flush_indexes()  # the fingerprint index's last batch, now rather than at exit
+    except Exception:  # noqa: BLE001 - an index that cannot be written only costs a re-hash next time
+        pass
     return plans
