@@ -106,9 +106,8 @@ def prefect_session(verbose: bool = False) -> Iterator[str]:
     """Make sure a Prefect API is reachable for this run and its workers; yields its URL."""
     global _SERVER
     configure(verbose)
-    import prefect.context
     from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
     url = PREFECT_API_URL.value()
     if url:  # a real server: nothing to start or stop
@@ -118,18 +117,8 @@ def prefect_session(verbose: bool = False) -> Iterator[str]:
 
     shared = running_server()
     if shared:  # `v2v server` is running on this machine: use it, start nothing
-        old = os.environ.get("PREFECT_API_URL")
-        os.environ["PREFECT_API_URL"] = shared  # inherited by Ray workers started from here
-        try:
-            with temporary_settings(updates={PREFECT_API_URL: shared}), \
-                    prefect.context._temporary_global_settings_context(prefect.context.get_settings_context()):
-                yield shared
-                drain()
-        finally:
-            if old is None:
-                os.environ.pop("PREFECT_API_URL", None)
-            else:
-                os.environ["PREFECT_API_URL"] = old
+        with _pointed_at(shared):
+            yield shared
         return
     owned = False
     if _SERVER is None or not _SERVER.running:
@@ -139,24 +128,37 @@ def prefect_session(verbose: bool = False) -> Iterator[str]:
     # Code inside Prefect that asks for "the" temporary server must find ours, not start a second one.
     prior = SubprocessASGIServer._instances.get(None)
     SubprocessASGIServer._instances[None] = _SERVER
-    old_env = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = _SERVER.api_url  # inherited by Ray workers started from here
     try:
-        with temporary_settings(updates={PREFECT_API_URL: _SERVER.api_url}), \
-                prefect.context._temporary_global_settings_context(prefect.context.get_settings_context()):
+        with _pointed_at(_SERVER.api_url):
             yield _SERVER.api_url
-            drain()
     finally:
-        if old_env is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = old_env
         if prior is not None:
             SubprocessASGIServer._instances[None] = prior
         else:
             SubprocessASGIServer._instances.pop(None, None)
         if owned and not _keep_server():
             stop_server()
+
+
+@contextlib.contextmanager
+def _pointed_at(url: str) -> Iterator[None]:
+    """This process (and the Ray workers it starts, through the environment) talks to the API at ``url``;
+    Prefect's event and log queues are drained before leaving."""
+    import prefect.context
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    old = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}), \
+                prefect.context._temporary_global_settings_context(prefect.context.get_settings_context()):
+            yield
+            drain()
+    finally:
+        if old is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = old
 
 
 def ensure_server() -> str:
