@@ -179,7 +179,7 @@ class SourceRef:
         return cls(**doc)
 
 
-def _davis_masks(path: Path) -> Path | None:
+def davis_masks(path: Path) -> Path | None:
     """``<root>/JPEGImages/<res?>/<name>`` layout: its Annotations twin, if there is one."""
     parts = path.parts
     if "JPEGImages" not in parts:
@@ -201,7 +201,7 @@ def source_ref(path: str | os.PathLike[str], params: IngestParams | None = None,
         raise StageInputError(f"{src}: no such file or folder")
     if params.n_frames is not None:
         limits.check_frames(str(src), params.n_frames)
-    mask_src = Path(masks).expanduser().absolute() if masks else _davis_masks(src)
+    mask_src = Path(masks).expanduser().absolute() if masks else davis_masks(src)
     if mask_src is not None and not mask_src.exists():
         raise StageInputError(f"{mask_src}: masks not found")
     mask_files = tuple(f.name for f in image_files(mask_src)) if mask_src is not None and mask_src.is_dir() else ()

@@ -137,15 +137,6 @@ def flush_indexes() -> None:
         index.flush()
 
 
-def _davis_annotations(source: Path) -> Path | None:
-    parts = source.parts
-    if "JPEGImages" not in parts:
-        return None
-    i = parts.index("JPEGImages")
-    ann = Path(*parts[:i], "Annotations", *parts[i + 1:])
-    return ann if ann.is_dir() else None
-
-
 def decode_limits(limits: Any) -> DecodeLimits:
     """The profile's ``limits`` (a pydantic model, a mapping or DecodeLimits) as ingest's DecodeLimits."""
     if limits is None or isinstance(limits, DecodeLimits):

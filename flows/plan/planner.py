@@ -117,10 +117,10 @@ USER_INPUTS = ("provided_masks", "provided_shape")
 
 def job_facts(job: Job) -> set[str]:
     """Facts about the job's own data that backends may prefer (``Backend.preferred_when``), from its paths."""
-    from flows.plan.externals import _davis_annotations
+    from stages.ingest import davis_masks
 
     facts: set[str] = set()
-    masks = Path(job.masks) if job.masks else _davis_annotations(Path(job.source))
+    masks = Path(job.masks) if job.masks else davis_masks(Path(job.source))
     if masks is not None and masks.is_dir() and sum(1 for p in masks.iterdir() if p.is_file()) > 1:
         facts.add("per_frame_masks")
     return facts
