@@ -47,13 +47,18 @@ class ModelSpec:
         return self.fetcher is not None
 
 
+def cache_dir() -> Path:
+    """v2v's cache folder: ``$V2V_CACHE_DIR``, else ``$XDG_CACHE_HOME/v2v``, else ``~/.cache/v2v``."""
+    base = os.environ.get("V2V_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "v2v")
+    return Path(base).expanduser()
+
+
 def weights_dir() -> Path:
     """The weights folder: ``$V2V_MODELS_DIR``, else ``<v2v cache>/models`` (``~/.cache/v2v/models``)."""
     if os.environ.get("V2V_MODELS_DIR"):
         return Path(os.environ["V2V_MODELS_DIR"]).expanduser()
-    base = os.environ.get("V2V_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "v2v")
-    return Path(base).expanduser() / "models"
+    return cache_dir() / "models"
 
 
 def _sha256(path: Path) -> str:

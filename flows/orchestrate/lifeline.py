@@ -67,9 +67,9 @@ def start_time(pid: int) -> int:
 # ---- v2v's side --------------------------------------------------------------------------------------------
 
 def _registry_dir() -> Path:
-    base = os.environ.get("V2V_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "v2v")
-    return Path(base).expanduser() / "lifelines"
+    from stages.models import cache_dir
+
+    return cache_dir() / "lifelines"
 
 
 def ensure() -> None:

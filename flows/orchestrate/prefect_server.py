@@ -23,9 +23,9 @@ from pathlib import Path
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("V2V_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "v2v")
-    return Path(base).expanduser()
+    from stages.models import cache_dir
+
+    return cache_dir()
 
 
 def registry() -> Path:
