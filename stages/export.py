@@ -252,6 +252,9 @@ def _tmp_name(target: Path) -> Path:
     return target.with_name(f".{target.stem}.{uuid.uuid4().hex[:8]}.tmp{target.suffix}")
 
 
+X264_THREADS = 4
+
+
 def write_mp4(video: np.ndarray, path: Path, fps: float | Fraction = 16, crf: int = 18,
               audio: Audio | None = None) -> Path:
     """H.264 (yuv420p) at ``fps`` (a Fraction keeps 30000/1001 exact), with ``audio`` as AAC if given."""
@@ -264,7 +267,9 @@ def write_mp4(video: np.ndarray, path: Path, fps: float | Fraction = 16, crf: in
             stream = out.add_stream("libx264", rate=_rate(fps))
             stream.height, stream.width = video.shape[1:3]
             stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": str(crf), "preset": "medium"}
+            # A fixed thread count: x264's output depends on it, and "auto" follows the CPUs this thread may use
+            # (another library pinning threads changed it mid-run): the same video gives the same bytes anywhere.
+            stream.options = {"crf": str(crf), "preset": "medium", "threads": str(X264_THREADS)}
             if audio is not None and audio.samples.shape[1]:
                 sound = out.add_stream("aac", rate=audio.rate, layout=audio.layout)
                 frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio.samples, np.float32), format="fltp",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import cv2
@@ -40,6 +41,25 @@ def test_mp4_round_trip(bear_clip: np.ndarray, tmp_path: Path) -> None:
     assert err < 4.0, err  # crf 18 + yuv420p chroma subsampling on real texture
     # No temporary files are left behind.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["video.mp4"]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs sched_setaffinity (Linux)")
+def test_the_same_video_gives_the_same_mp4_bytes_whatever_cpus_the_process_may_use(bear_clip: np.ndarray,
+                                                                                     tmp_path: Path) -> None:
+    """x264's output depends on its thread count; left on auto it follows the CPUs this process may use, which a
+    library pinning its threads changes mid-run (a cached re-export then differed from the first)."""
+    import hashlib
+
+    from stages.export import write_mp4
+
+    before = os.sched_getaffinity(0)
+    digests = [hashlib.sha256(write_mp4(bear_clip, tmp_path / "all.mp4").read_bytes()).hexdigest()]
+    try:
+        os.sched_setaffinity(0, {min(before)})
+        digests.append(hashlib.sha256(write_mp4(bear_clip, tmp_path / "one.mp4").read_bytes()).hexdigest())
+    finally:
+        os.sched_setaffinity(0, before)
+    assert digests[0] == digests[1]
 
 
 def test_mp4_odd_size_is_padded_to_even(tmp_path: Path) -> None:
