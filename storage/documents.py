@@ -83,12 +83,20 @@ class Documents:
         self.put_json(f"{JOBS}/{_safe_name(job_id)}.json", doc)
 
     def job(self, job_id: str) -> dict[str, Any]:
-        """A job's manifest; :class:`DocumentDamaged` when it is truncated or malformed."""
-        relpath = f"{JOBS}/{_safe_name(job_id)}.json"
-        doc = self.get_json(relpath)
+        """A job's manifest; :class:`DocumentDamaged` when it is truncated or malformed; ArtifactNotFound naming
+        the jobs the store has when there is none (a listing: see :meth:`find_job`)."""
+        doc = self.find_job(job_id)
         if doc is None:
             known = ", ".join(self.jobs()) or "none"
             raise ArtifactNotFound(f"no job {job_id!r} in {self.url} (known jobs: {known})")
+        return doc
+
+    def find_job(self, job_id: str) -> dict[str, Any] | None:
+        """A job's manifest or None, without listing the others (planning asks this of every new job)."""
+        relpath = f"{JOBS}/{_safe_name(job_id)}.json"
+        doc = self.get_json(relpath)
+        if doc is None:
+            return None
         arts = doc.get("artifacts") if isinstance(doc, dict) else None
         if not isinstance(arts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in arts.items()):
             raise DocumentDamaged(relpath, "not a job manifest (no 'artifacts' mapping of stage to key)")

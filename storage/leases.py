@@ -112,6 +112,15 @@ class Lease:
             self.refs |= new
         self.refresh()
 
+    def unprotect(self, refs: Iterable[ArtifactRef]) -> None:
+        """Stop protecting artifacts (a finished job's: its manifest references them now)."""
+        with self._lock:
+            gone = {r.path for r in refs} & self.refs
+            if not gone:
+                return
+            self.refs -= gone
+        self.refresh()
+
     def refresh(self) -> None:
         """Write the lease with a fresh heartbeat."""
         if not self.active:

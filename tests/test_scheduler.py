@@ -113,7 +113,9 @@ class Reporter:
         self.stages: list[tuple[str, str, str]] = []
         self.jobs: list[str] = []
 
-    def start(self, plans: list[JobPlan]) -> None: ...
+    def start(self, total: int | None) -> None: ...
+
+    def job_planned(self, plan: JobPlan) -> None: ...
 
     def stage_done(self, job_id: str, result: StageResult) -> None:
         self.stages.append((job_id, result.stage, result.status))
@@ -316,3 +318,93 @@ def test_planning_errors_unreadable_job_arrays_and_orchestrator_blocks(store: Ar
     assert {s: r.status for s, r in jobs["held"].stages.items()} == {"a": "blocked", "b": "blocked"}
     assert jobs["held"].status == "failed" and jobs["held"].error is None
     assert jobs["skipped"].status == "cached" and jobs["skipped"].stages["a"].status == "skipped"
+
+
+# ---- streamed plans: pulled as the run goes, forgotten once ended ---------------------------------------
+
+class Pulled:
+    """A generator of plans that records how many it has yielded."""
+
+    def __init__(self, plans: list[JobPlan]) -> None:
+        self.plans, self.yielded = plans, 0
+
+    def __iter__(self) -> Any:
+        for plan in self.plans:
+            self.yielded += 1
+            yield plan
+
+
+def test_streamed_plans_are_pulled_while_the_run_goes_and_forgotten_once_ended(store: ArtifactStore) -> None:
+    from flows.run.scheduler import Scheduler
+
+    plans = [job_plan(f"j{i}", [stage("ingest", f"clip{i}"), stage("edit", f"edit{i}", ("ingest",))])
+             for i in range(40)]
+    source = Pulled(plans)
+    ex = FakeExecutor(stage_slots=2, seconds=0.002)
+    seen: dict[str, int] = {"first_submit_pulled": -1, "jobs": 0, "keys": 0}
+    sched = Scheduler(iter(source), ex, store, window=4, total=40)
+    submit = ex.submit
+
+    def watching(job_id: str, sp: StagePlan, externals: dict[str, Any] | None) -> Any:
+        if seen["first_submit_pulled"] < 0:
+            seen["first_submit_pulled"] = source.yielded
+        seen["jobs"] = max(seen["jobs"], len(sched.jobs))
+        seen["keys"] = max(seen["keys"], len(sched.keys))
+        return submit(job_id, sp, externals)
+
+    ex.submit = watching  # type: ignore[method-assign]
+    report = sched.run()
+    assert [j.job_id for j in report.jobs] == [p.job_id for p in plans]
+    assert all(j.status == "done" and j.computed == 2 for j in report.jobs)
+    # The first stage ran before the catalog was planned; at most `window` jobs (and their keys) were held.
+    assert seen["first_submit_pulled"] == 4 and source.yielded == 40
+    assert seen["jobs"] <= 4 and seen["keys"] <= 8
+    assert not sched.jobs and not sched.keys  # everything forgotten at the end; the results stay
+
+
+def test_a_streamed_job_joins_a_shared_key_in_flight_or_takes_its_outcome(store: ArtifactStore) -> None:
+    # Six edits of one clip, two jobs in flight at a time: the clip is computed once while later jobs join it,
+    # and a key that failed for an earlier job fails a later one with the same reason (never run twice).
+    plans = [job_plan(f"j{i}", [stage("ingest", "clip"), stage("bad", "bad", ("ingest",)),
+                                stage("edit", f"edit{i}", ("ingest",))]) for i in range(6)]
+    ex = FakeExecutor(stage_slots=1, seconds=0.01)
+    ex.fail[key("bad")] = StageInputError("stage 'bad': no")
+    report = schedule(Pulled(plans), ex, store, window=2)
+    jobs = {j.job_id: j for j in report.jobs}
+    assert ex.keys.count(key("bad")) == 1
+    # Also when every job that saw it fail has ended (its key forgotten): one failure per key per run.
+    alone = [job_plan(f"k{i}", [stage("bad", "bad")]) for i in range(4)]
+    ex2 = FakeExecutor(stage_slots=1)
+    ex2.fail[key("bad")] = StageInputError("stage 'bad': no")
+    report2 = schedule(Pulled(alone), ex2, store, window=1)
+    assert ex2.keys.count(key("bad")) == 1 and all(j.status == "failed" for j in report2.jobs)
+    assert [jobs[f"j{i}"].stages["ingest"].status for i in range(6)].count("computed") == 1
+    assert all(jobs[f"j{i}"].status == "failed" and jobs[f"j{i}"].error == "bad: stage 'bad': no" for i in range(6))
+    assert all(jobs[f"j{i}"].stages["edit"].status in ("computed", "cached") for i in range(6))
+
+
+def test_a_streamed_run_protects_the_jobs_in_flight_and_releases_the_ended(store: ArtifactStore) -> None:
+    from flows.run.lease import run_lease
+    from storage.leases import LeaseBook
+
+    plans = [job_plan(f"j{i}", [stage("ingest", f"clip{i}"), stage("edit", f"edit{i}", ("ingest",))])
+             for i in range(12)]
+    ex = FakeExecutor(stage_slots=1)
+    book = LeaseBook(store)
+    checked: list[bool] = []
+    sizes: list[int] = []
+    submit = ex.submit
+
+    def watching(job_id: str, sp: StagePlan, externals: dict[str, Any] | None) -> Any:
+        protected = book.protected()  # what gc would see now
+        checked.append(sp.call.ref.path in protected)  # type: ignore[union-attr]
+        sizes.append(len(protected))
+        return submit(job_id, sp, externals)
+
+    ex.submit = watching  # type: ignore[method-assign]
+    with run_lease(store) as lease:
+        report = schedule(Pulled(plans), ex, store, window=4, lease=lease)
+    assert all(j.status == "done" for j in report.jobs)
+    assert checked and all(checked)  # every call's artifact was protected before it was submitted
+    assert max(sizes) <= 2 * (4 + 4 // 4)  # the jobs in flight (and one refill), not the catalog
+    assert book.protected() == set()  # the lease is gone with the run

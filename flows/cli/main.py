@@ -56,29 +56,21 @@ def _request(set_: list[str] | None, backend: list[str] | None, weights: list[st
 
 def _execute(catalog: Any, profile: str | None, store: str | None, request: Any, inline: bool,
              verbose: bool) -> int:
-    """Plan (with a spinner), run (progress bars), print the summary; returns the exit code."""
+    """Plan and run (plans stream into the run: progress bars from the first job on), print the summary;
+    returns the exit code."""
     from flows.orchestrate import prefect_env
 
     prefect_env.configure(verbose)
-    import time
-
-    from flows.api import prepare_catalog, run_planned
+    from flows.api import run_catalog
     from flows.cli.progress import RichReporter, summary_table
 
-    start = time.perf_counter()
     console = _console()
-    with console.status("planning (keys, cache look-ups)…"):
-        prof, st, plans, _ = prepare_catalog(catalog, profile, store, request)
-    todo = sum(len(p.to_run()) for p in plans if p.ok)
-    console.print(f"[bold]{len(plans)}[/] job(s), [bold]{todo}[/] stage(s) to run, store [cyan]{escape(st.url)}[/]"
-                  + (f", runner {prof.runner.kind}" if todo else ""))
-    if todo and not inline and not os.environ.get("PREFECT_API_URL"):
-        console.print("[dim]starting a temporary Prefect server (set PREFECT_API_URL to use a running one)…[/]")
     with RichReporter(console) as reporter:
-        report = run_planned(plans, prof, st, catalog, request, orchestrator="inline" if inline else "prefect",
-                             reporter=reporter, start=start)
+        report, _ = run_catalog(catalog, profile=profile, store=store, request=request, reporter=reporter,
+                                orchestrator="inline" if inline else "prefect", keep_plans=False)
     console.print(summary_table(report))
-    for job in report.jobs:
+    shown = report.jobs if len(report.jobs) <= 50 else []
+    for job in shown:
         if job.outputs.get("contact_sheet"):
             console.print(f"  {escape(job.job_id)}: video [cyan]{escape(job.outputs.get('mp4', '—'))}[/], contact "
                           f"sheet [cyan]{escape(job.outputs['contact_sheet'])}[/]")
@@ -140,15 +132,17 @@ def plan(catalog: Annotated[Path, typer.Argument(help="catalog file")], profile:
          store: StoreOpt = None, set_: SetOpt = None, backend: BackendOpt = None, weights: WeightsOpt = None,
          device: DeviceOpt = None) -> None:
     """Show, per job and stage, cached or to run and why, without computing anything."""
-    from flows.api import prepare_catalog
+    from flows.api import stream_catalog
     from flows.cli.progress import plan_table
 
     req = _request(set_, backend, weights, None, device, None, None)
     console = _console()
-    _, st, plans, _ = prepare_catalog(catalog, profile, store, req)
-    console.print(plan_table(plans))
-    todo = sum(len(p.to_run()) for p in plans if p.ok)
-    bad = sum(not p.ok for p in plans)
+    _, st, _, plans = stream_catalog(catalog, profile, store, req)
+    todo = bad = 0
+    for i, plan in enumerate(plans):  # printed as planned: memory holds one plan, not the catalog's
+        console.print(plan_table([plan], header=i == 0))
+        todo += len(plan.to_run()) if plan.ok else 0
+        bad += not plan.ok
     console.print(f"{todo} stage(s) to run, {bad} job(s) with errors, store {escape(st.url)}")
     raise typer.Exit(1 if bad else 0)
 

@@ -34,7 +34,7 @@ from flows.config.request import CatalogArg, RunRequest, SingleVideo  # noqa: E4
 from flows.exports.outputs import OutputsConfig  # noqa: E402
 from flows.orchestrate.job_tasks import run_job_tasks, use_job_tasks  # noqa: E402
 from flows.plan.planner import StagePlan  # noqa: E402
-from flows.plan.run_plan import prepare_catalog  # noqa: E402
+from flows.plan.run_plan import stream_catalog  # noqa: E402
 from flows.run.executors import run_stage  # noqa: E402
 from flows.run.lease import run_lease  # noqa: E402
 from flows.run.outcomes import BLOCKED, Done, Failed, FailureKind, TaskOutcome, failure_of  # noqa: E402
@@ -213,14 +213,15 @@ def _summary_artifact(report: RunReport, title: str) -> None:
 def _body(catalog: CatalogArg | None, profile: str | Profile, store: str | None, request: RunRequest | None,
           title: str) -> dict[str, Any]:
     start = time.perf_counter()
-    prof, st, plans, _ = prepare_catalog(catalog, profile, store, request)
-    with run_lease(st, plans):
-        if use_job_tasks(plans, prof.runner):
+    prof, st, total, plans = stream_catalog(catalog, profile, store, request)
+    if use_job_tasks(total, prof.runner):
+        with run_lease(st) as lease:
             report = run_job_tasks(plans, st, prof.device, prof.runner.max_workers, _REPORTER.get(),
-                                   OutputsConfig.of(prof), start)
-        else:
+                                   OutputsConfig.of(prof), start, total=total, lease=lease)
+    else:
+        with run_lease(st) as lease:
             report = schedule(plans, PrefectExecutor(st, prof), st, _REPORTER.get(), OutputsConfig.of(prof),
-                              start=start)
+                              start=start, window=prof.runner.plan_ahead, total=total, lease=lease)
     _summary_artifact(report, title)
     return {"jobs": report.rows(), "wall_seconds": round(report.wall_seconds, 3),
             "compute_seconds": round(report.compute_seconds, 3), "failed": len(report.failed),

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from flows.config.catalog import Catalog
 from flows.config.profiles import Profile, load_profile
 from flows.config.request import RunRequest, load_catalog_arg
-from flows.plan.planner import JobPlan, plan_catalog
+from flows.plan.planner import JobPlan, iter_plans, plan_catalog
 from storage.store import ArtifactStore, open_store
 
 RequestArg = RunRequest | Mapping[str, Any] | None
@@ -32,3 +32,14 @@ def prepare_catalog(catalog: str | Path | Catalog | dict[str, Any] | None, profi
     cat = load_catalog_arg(catalog, req)
     plans = plan_catalog(cat, prof, st, cli_params=req.params, cli_backends=req.backends, on_job=on_job)
     return prof, st, plans, prof.out
+
+
+def stream_catalog(catalog: str | Path | Catalog | dict[str, Any] | None, profile: str | Profile | None,
+                   store: str | None, request: RequestArg = None
+                   ) -> tuple[Profile, ArtifactStore, int, Iterator[JobPlan]]:
+    """The profile, the store, the number of jobs and their plans as a generator: each job is planned when
+    the run pulls it, so a run starts computing at once and holds only the plans in flight."""
+    req = RunRequest.coerce(request)
+    prof, st = resolve(profile, store, req)
+    cat = load_catalog_arg(catalog, req)
+    return prof, st, len(cat.entries), iter_plans(cat, prof, st, cli_params=req.params, cli_backends=req.backends)

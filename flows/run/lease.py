@@ -6,7 +6,7 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from flows.plan.planner import JobPlan
@@ -14,8 +14,9 @@ from storage.store import ArtifactStore
 
 
 @contextlib.contextmanager
-def run_lease(store: ArtifactStore, plans: list[JobPlan]) -> Iterator[Any]:
-    """Hold a heartbeat lease naming every planned artifact (cached or to compute) for the run's duration.
+def run_lease(store: ArtifactStore, plans: Iterable[JobPlan] = ()) -> Iterator[Any]:
+    """Hold a heartbeat lease naming planned artifacts (cached or to compute) for the run's duration: those of
+    ``plans`` now, and those the scheduler adds (``lease.protect``) as it pulls streamed plans.
 
     A killed run's lease expires after its time-to-live, so gc never waits for ever; on a read-only store the
     lease is inactive and the run (which then only reads) goes on."""

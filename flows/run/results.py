@@ -10,7 +10,7 @@ from flows.plan.planner import JobPlan
 from flows.run.outcomes import FailureKind
 
 
-@dataclass
+@dataclass(slots=True)  # one per stage of every job of a run: kept small
 class StageResult:
     stage: str
     status: str  # computed | cached | failed | skipped | blocked
@@ -21,7 +21,7 @@ class StageResult:
     failure: FailureKind | None = None  # failed or blocked: what kind of failure
 
 
-@dataclass
+@dataclass(slots=True)
 class JobResult:
     job_id: str
     status: str = "pending"  # done | cached | failed
@@ -73,12 +73,17 @@ class RunReport:
 
 
 class Reporter(Protocol):
-    def start(self, plans: list[JobPlan]) -> None: ...
+    """Sees a run as it goes: ``start`` with the catalog's job count (None: not known), each job once it is
+    planned (plans stream in while the first jobs compute), each stage's and each job's end."""
+
+    def start(self, total: int | None) -> None: ...
+    def job_planned(self, plan: JobPlan) -> None: ...
     def stage_done(self, job_id: str, result: StageResult) -> None: ...
     def job_done(self, result: JobResult) -> None: ...
 
 
 class NullReporter:
-    def start(self, plans: list[JobPlan]) -> None: ...
+    def start(self, total: int | None) -> None: ...
+    def job_planned(self, plan: JobPlan) -> None: ...
     def stage_done(self, job_id: str, result: StageResult) -> None: ...
     def job_done(self, result: JobResult) -> None: ...

@@ -10,6 +10,10 @@ workers, outside the stage slots) -> ENDED (artifacts committed, manifest record
 typed outcomes (:class:`Done`, :class:`Failed` with a :class:`FailureKind`); the transitions below are the only
 places results are written. All of it runs on the caller's thread: executors' completion callbacks only
 queue an event.
+
+Plans stream in: the scheduler pulls them from an iterable (the planner yields them one by one) while the
+first jobs compute, keeping at most ``window`` jobs in flight, and forgets a job's plan and its finished keys
+once it has ended. Memory follows the jobs in flight, never the catalog; only the small results are kept.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import heapq
 import itertools
 import queue
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +33,8 @@ from flows.run.executors import Executor
 from flows.run.manifest import done_refs, record
 from flows.run.outcomes import BLOCKED, Done, Failed, FailureKind, TaskOutcome, failure_of
 from flows.run.results import JobResult, NullReporter, Reporter, RunReport, StageResult
-from storage.store import ArtifactStore
+from storage.leases import Lease
+from storage.store import ArtifactRef, ArtifactStore
 from storage.write_behind import flush_all, store_for
 
 
@@ -55,6 +61,7 @@ class KeyTask:
     children: set[str] = field(default_factory=set)
     state: KeyState = KeyState.WAITING
     redone: bool = False  # computed again once after its artifact was found damaged (never twice)
+    outcome: TaskOutcome | None = None  # how it ended: what a job planned later that shares it gets
 
 
 @dataclass
@@ -72,18 +79,28 @@ class Scheduler:
     Tasks are submitted when their inputs exist (never with futures as arguments): a worker never waits
     inside a task for another one, so Ray keeps exactly its worker processes busy (a task blocked in
     ``ray.get`` makes Ray start extra workers) and threads never idle on upstream work.
+
+    ``plans`` may be a generator: it is pulled while the run goes, at most ``window`` jobs in flight (refilled
+    a quarter-window at a time, so that the lease is rewritten once per batch, not per job).
     """
 
-    def __init__(self, plans: list[JobPlan], executor: Executor, store: ArtifactStore,
+    def __init__(self, plans: Iterable[JobPlan], executor: Executor, store: ArtifactStore,
                  reporter: Reporter | None = None, outputs: OutputsConfig | None = None, *,
-                 start: float | None = None) -> None:
-        self.plans, self.executor, self.store, self.outputs = plans, executor, store, outputs
+                 start: float | None = None, window: int | None = None, total: int | None = None,
+                 lease: Lease | None = None) -> None:
+        self.executor, self.store, self.outputs, self.lease = executor, store, outputs, lease
         self.reporter = reporter or NullReporter()
         self.start = start if start is not None else time.perf_counter()
+        self.total = total if total is not None else (len(plans) if isinstance(plans, list | tuple) else None)
+        self.source: Iterator[JobPlan] | None = iter(plans)
+        slots = executor.stage_slots or 1
+        self.window = max(window or 64, 2 * slots, 1)
+        self.ranks = itertools.count()
         self.keys: dict[str, KeyTask] = {}
-        self.jobs = {p.job_id: JobTask(p, i, JobResult(p.job_id)) for i, p in enumerate(plans) if p.ok}
-        # Rows refused at load are reported on their own: one may share its id with a valid row (a duplicate).
-        self.refused = [JobTask(p, i, JobResult(p.job_id)) for i, p in enumerate(plans) if not p.ok]
+        self.jobs: dict[str, JobTask] = {}  # jobs in flight (planned, not ended)
+        self.ended: list[tuple[int, JobResult]] = []  # (catalog rank, result) of every job that ended
+        self.released: list[ArtifactRef] = []  # artifacts of ended jobs, unprotected at the next refill
+        self.failed: dict[str, Failed] = {}  # keys that failed for jobs that have ended (the run's failures only)
         self.ready: list[tuple[int, int, str]] = []  # (job rank, arrival, key): a heap
         self.arrival = itertools.count()
         self.running = 0  # stage calls in flight (exports take no slot)
@@ -93,48 +110,105 @@ class Scheduler:
     # ---- the run ------------------------------------------------------------------------------------------
 
     def run(self) -> RunReport:
-        self.reporter.start(self.plans)
-        for job in [*self.refused, *self.jobs.values()]:
-            self._add(job)
-        for job in self.jobs.values():
-            if job.state is JobState.STAGES and not job.open:  # every stage skipped
-                self._stages_ended(job)
-        for task in self.keys.values():
-            if task.users and not task.needs:
-                self._make_ready(task)
+        self.reporter.start(self.total)
+        self._refill(force=True)
         self._dispatch()
-        while self.handles:
+        while self.handles or self.source is not None:
+            if not self.handles:  # everything pulled so far ended at once (cached, refused): pull more
+                if not self._refill(force=True):
+                    break
+                self._dispatch()
+                continue
             item = self.events.get()  # completion callbacks come from worker threads (or Ray's)
             outcome = self.executor.outcome(self.handles.pop(item))
             kind, name = item
             if kind == "stage":
                 self.running -= 1
                 self._key_finished(self.keys[name], outcome)  # may make the keys waiting for it ready
-                self._dispatch()
             else:
                 self._export_finished(self.jobs[name], outcome)
+            self._refill()
+            self._dispatch()
         flush_all()
-        results = [j.result for j in sorted([*self.refused, *self.jobs.values()], key=lambda j: j.rank)]
+        results = [r for _, r in sorted(self.ended, key=lambda e: e[0])]
         return RunReport(results, time.perf_counter() - self.start, self.executor.name)
 
+    def _refill(self, force: bool = False) -> bool:
+        """Pull plans until ``window`` jobs are in flight; once a quarter of it is free (or ``force``).
+
+        Returns whether any plan was pulled. The pulled jobs' artifacts are protected from gc before any of
+        them is submitted; those of jobs that ended since are released (their manifests reference them)."""
+        free = self.window - len(self.jobs)
+        if self.source is None or (not force and free < max(1, self.window // 4)):
+            return False
+        pulled: list[JobTask] = []
+        while len(pulled) < free:
+            plan = next(self.source, None)
+            if plan is None:
+                self.source = None
+                break
+            pulled.append(JobTask(plan, next(self.ranks), JobResult(plan.job_id)))
+        if self.lease is not None:
+            self.lease.protect(sp.call.ref for job in pulled for sp in job.plan.stages.values() if sp.call)
+            if self.released:
+                live = {sp.key for job in [*self.jobs.values(), *pulled] for sp in job.plan.stages.values()}
+                self.lease.unprotect(r for r in self.released if r.key not in live)
+                self.released = []
+        for job in pulled:
+            self.reporter.job_planned(job.plan)
+            if not job.plan.ok:  # refused at load or planning: reported on its own, never in ``jobs``
+                res = job.result
+                res.status, res.error, res.failure = "failed", job.plan.error, FailureKind.INPUT
+                job.state = JobState.ENDED
+                self.ended.append((job.rank, res))
+                self.reporter.job_done(res)
+                continue
+            self.jobs[job.plan.job_id] = job
+            self._add(job)
+        return bool(pulled)
+
     def _add(self, job: JobTask) -> None:
+        """A job's keys join the graph. A key shared with a job in flight is joined, not computed again; one that
+        already ended gives this job its outcome at once (a cache hit, or the same failure)."""
         plan, res = job.plan, job.result
-        if not plan.ok:
-            res.status, res.error, res.failure = "failed", plan.error, FailureKind.INPUT
-            job.state = JobState.ENDED
-            self.reporter.job_done(res)
-            return
-        for sp in plan.stages.values():
+        fresh: list[KeyTask] = []
+        late: list[tuple[KeyTask, StagePlan]] = []
+        for sp in plan.stages.values():  # first every key, so that no result below ends the job too early
             if sp.status == "skip":
                 res.stages[sp.stage] = StageResult(sp.stage, "skipped", error=sp.reason)
                 continue
-            task = self._task(sp.key)
-            task.users.append((plan, sp))
             job.open.add(sp.key)
-            ups = {plan.stages[u].key for u in sp.upstream}
-            task.needs |= ups
+            task = self.keys.get(sp.key)
+            if task is None:
+                task = self._task(sp.key)
+                fresh.append(task)
+            elif task.users:
+                late.append((task, sp))
+            else:
+                fresh.append(task)
+            task.users.append((plan, sp))
+        for task in fresh:  # in the plan's (topological) order: upstream keys first
+            sp = task.users[-1][1]
+            if task.key in self.failed:  # failed for a job that has ended: once per run, not once per job
+                task.state, task.outcome = KeyState.FAILED, self.failed[task.key]
+                self._user_finished(plan, sp, task.outcome, computed=False)
+                continue
+            ups = [self._task(plan.stages[u].key) for u in dict.fromkeys(sp.upstream)]
             for up in ups:
-                self._task(up).children.add(sp.key)
+                up.children.add(task.key)
+            task.needs = {up.key for up in ups if up.state is not KeyState.DONE}
+            if any(up.state in (KeyState.FAILED, KeyState.BLOCKED) for up in ups):
+                self._block(task)
+            elif not task.needs:
+                self._make_ready(task)
+        for task, sp in late:
+            if task.state is KeyState.BLOCKED:
+                self._stage_result(plan, sp, StageResult(sp.stage, "blocked", error=BLOCKED.message,
+                                                         failure=FailureKind.BLOCKED))
+            elif task.outcome is not None:
+                self._user_finished(plan, sp, task.outcome, computed=False)
+        if job.state is JobState.STAGES and not job.open:  # every stage skipped, or ended already
+            self._stages_ended(job)
 
     def _task(self, key: str) -> KeyTask:
         return self.keys.setdefault(key, KeyTask(key))
@@ -176,28 +250,35 @@ class Scheduler:
         if isinstance(outcome, Failed) and outcome.kind is FailureKind.DAMAGED and self._redo(task, outcome):
             return
         task.state = KeyState.DONE if isinstance(outcome, Done) else KeyState.FAILED
-        for i, (plan, sp) in enumerate(task.users):
-            res = self.jobs[plan.job_id].result
-            if isinstance(outcome, Done):
-                # Computed once, for the first job that needed it; a cache hit for the jobs sharing it.
-                computed = not outcome.ref["cached"] and i == 0
-                sr = StageResult(sp.stage, "computed" if computed else "cached",
-                                 outcome.ref["seconds"] if computed else 0.0, pid=outcome.ref.get("pid"),
-                                 io_seconds=outcome.ref.get("io_seconds", 0.0) if computed else 0.0)
-                res.compute_seconds += sr.seconds
-            else:
-                sr = StageResult(sp.stage, "failed", error=outcome.message, failure=outcome.kind)
-                if res.error is None:
-                    res.error, res.failure = f"{sp.stage}: {outcome.message}", outcome.kind
-            self._stage_result(plan, sp, sr)
+        task.outcome = outcome
+        for i, (plan, sp) in enumerate(list(task.users)):
+            # Computed once, for the first job that needed it; a cache hit for the jobs sharing it.
+            self._user_finished(plan, sp, outcome, computed=i == 0)
         for child in sorted(task.children):
-            child_task = self.keys[child]
+            child_task = self.keys.get(child)
+            if child_task is None:  # ended and forgotten
+                continue
             if task.state is KeyState.FAILED:
                 self._block(child_task)
                 continue
             child_task.needs.discard(task.key)
             if not child_task.needs and child_task.state is KeyState.WAITING:
                 self._make_ready(child_task)
+
+    def _user_finished(self, plan: JobPlan, sp: StagePlan, outcome: TaskOutcome, *, computed: bool) -> None:
+        res = self.jobs[plan.job_id].result
+        if isinstance(outcome, Done):
+            computed = computed and not outcome.ref["cached"]
+            sr = StageResult(sp.stage, "computed" if computed else "cached",
+                             outcome.ref["seconds"] if computed else 0.0, pid=outcome.ref.get("pid"),
+                             io_seconds=outcome.ref.get("io_seconds", 0.0) if computed else 0.0)
+            res.compute_seconds += sr.seconds
+        else:
+            assert isinstance(outcome, Failed)
+            sr = StageResult(sp.stage, "failed", error=outcome.message, failure=outcome.kind)
+            if res.error is None:
+                res.error, res.failure = f"{sp.stage}: {outcome.message}", outcome.kind
+        self._stage_result(plan, sp, sr)
 
     def _redo(self, task: KeyTask, outcome: Failed) -> bool:
         """An input of ``task`` was damaged (and quarantined): its key goes READY again, ``task`` WAITING on it.
@@ -225,7 +306,8 @@ class Scheduler:
             self._stage_result(plan, sp, StageResult(sp.stage, "blocked", error=BLOCKED.message,
                                                      failure=FailureKind.BLOCKED))
         for child in sorted(task.children):
-            self._block(self.keys[child])
+            if child in self.keys:
+                self._block(self.keys[child])
 
     def _stage_result(self, plan: JobPlan, sp: StagePlan, sr: StageResult) -> None:
         job = self.jobs[plan.job_id]
@@ -286,10 +368,30 @@ class Scheduler:
         res.seconds = time.perf_counter() - self.start
         job.state = JobState.ENDED
         self.reporter.job_done(res)
+        self._forget(job)
+
+    def _forget(self, job: JobTask) -> None:
+        """Drop an ended job's plan and every key no job in flight uses any more (only its result stays)."""
+        del self.jobs[job.plan.job_id]
+        self.ended.append((job.rank, job.result))
+        for sp in job.plan.stages.values():
+            task = self.keys.get(sp.key) if sp.key else None
+            if task is None:
+                continue
+            task.users = [(p, s) for p, s in task.users if p is not job.plan]
+            if not task.users and task.state in (KeyState.DONE, KeyState.FAILED, KeyState.BLOCKED):
+                del self.keys[sp.key]
+                if task.state is KeyState.FAILED and isinstance(task.outcome, Failed):
+                    self.failed[sp.key] = task.outcome
+                if sp.call is not None:
+                    self.released.append(sp.call.ref)
 
 
-def schedule(plans: list[JobPlan], executor: Executor, store: ArtifactStore, reporter: Reporter | None = None,
-             outputs: OutputsConfig | None = None, *, start: float | None = None) -> RunReport:
+def schedule(plans: Iterable[JobPlan], executor: Executor, store: ArtifactStore, reporter: Reporter | None = None,
+             outputs: OutputsConfig | None = None, *, start: float | None = None, window: int | None = None,
+             total: int | None = None, lease: Lease | None = None) -> RunReport:
     """Run every planned stage once per key, each as soon as its upstream stages are done; then each job's
-    exports, also on the workers (see :class:`Scheduler`)."""
-    return Scheduler(plans, executor, store, reporter, outputs, start=start).run()
+    exports, also on the workers (see :class:`Scheduler`). ``plans`` may be a generator, pulled as the run goes
+    (``window`` jobs in flight); ``lease`` protects the jobs' artifacts from gc while they run."""
+    return Scheduler(plans, executor, store, reporter, outputs, start=start, window=window, total=total,
+                     lease=lease).run()
