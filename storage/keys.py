@@ -39,9 +39,56 @@ def _normalise(value: Any) -> Any:
     raise TypeError(f"cannot put {type(value).__name__} into an artifact key")
 
 
+# One encoder for every key (json.dumps builds a new one per call when given options).
+_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+_SCALARS = frozenset({str, int, bool, type(None)})
+
+
+def _plain(value: Any) -> bool:
+    """Whether the encoder alone writes ``value`` exactly as :func:`_normalise` then the encoder would: dicts
+    with str keys, lists, tuples, and str, int, bool, None and finite floats other than -0.0, all of exactly
+    those types (what ``model_dump(mode="json")`` gives). Anything else (numpy scalars, other mappings,
+    subclasses, non-str keys, -0.0) takes the normalising path, so no key can differ between the two."""
+    t = type(value)
+    if t in _SCALARS:
+        return True
+    if t is float:
+        return value - value == 0 and (value != 0 or math.copysign(1.0, value) > 0)
+    if t is dict:
+        for k, v in value.items():  # loops, not all(genexpr): this runs for every key of every job
+            if type(k) is not str or (type(v) not in _SCALARS and not _plain(v)):
+                return False
+        return True
+    if t is list or t is tuple:
+        for v in value:
+            if type(v) not in _SCALARS and not _plain(v):
+                return False
+        return True
+    return False
+
+
 def canonical_json(value: Any) -> str:
-    return json.dumps(_normalise(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False)
+    return _ENCODE(value if _plain(value) else _normalise(value))
+
+
+class KeyTemplate:
+    """:func:`artifact_key` for one stage, code version, backend and weights digest, given the parameters'
+    canonical JSON (computed once for many jobs) and the inputs. Sorted keys of the record: backend, inputs,
+    params, schema, stage, version, weights, so the text is exactly what ``canonical_json(record)`` writes."""
+
+    __slots__ = ("_head", "_tail")
+
+    def __init__(self, stage: str, version: str, backend: str, weights_digest: str) -> None:
+        # Each part is its own canonical JSON: the encoder writes a dict as its sorted "key":value pairs.
+        self._head = '{"backend":' + canonical_json(backend) + ',"inputs":'
+        self._tail = (',"schema":' + canonical_json(KEY_SCHEMA) + ',"stage":' + canonical_json(stage)
+                      + ',"version":' + canonical_json(version) + ',"weights":' + canonical_json(weights_digest) + "}")
+
+    def key(self, params_json: str, inputs: Mapping[str, str], *, plain: bool = False) -> str:
+        """``plain``: the caller knows ``inputs`` is a dict of str (exactly) to str (the planner's)."""
+        text = self._head + (_ENCODE(inputs) if plain else canonical_json(inputs)) + ',"params":' + params_json \
+            + self._tail
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def artifact_key(
@@ -52,16 +99,9 @@ def artifact_key(
     weights_digest: str,
     inputs: Mapping[str, str],
 ) -> str:
-    record = {
-        "schema": KEY_SCHEMA,
-        "stage": stage,
-        "version": version,
-        "params": params,
-        "backend": backend,
-        "weights": weights_digest,
-        "inputs": inputs,
-    }
-    return hashlib.sha256(canonical_json(record).encode("utf-8")).hexdigest()
+    """sha256 of ``canonical_json({"schema", "stage", "version", "params", "backend", "weights", "inputs"})``
+    (written by :class:`KeyTemplate`, part by part: the same text)."""
+    return KeyTemplate(stage, version, backend, weights_digest).key(canonical_json(params), inputs)
 
 
 def array_digest(array: np.ndarray) -> str:

@@ -11,21 +11,28 @@ from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Literal
 
 PARTIAL = 64 * 1024
 Content = Literal["none", "partial", "full"]
 
 
-def _digest(path: Path, size: int, content: Content) -> str:
+def _digest(path: str | os.PathLike[str], size: int, content: Content) -> str:
     if content == "none":
         return ""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         if content == "full" or size <= 2 * PARTIAL:
-            for block in iter(lambda: fh.read(1 << 20), b""):
+            # Every byte to the end, in blocks; a small file (a frame, a mask) in one read: a buffered read
+            # returns less than asked for only at the end.
+            want = 2 * PARTIAL + 1
+            while True:
+                block = fh.read(want)
                 h.update(block)
+                if len(block) < want:
+                    break
+                want = 1 << 20
         else:
             h.update(fh.read(PARTIAL))
             fh.seek(size - PARTIAL)
@@ -35,9 +42,9 @@ def _digest(path: Path, size: int, content: Content) -> str:
 
 def file_stamp(path: str | os.PathLike[str], content: Content = "partial") -> list[Any]:
     """[name, size, mtime_ns, ctime_ns, inode, content digest ('' for "none")] of one file."""
-    p = Path(path)
-    st = p.stat()
-    return [p.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, _digest(p, st.st_size, content)]
+    name = path.name if isinstance(path, PurePath) else Path(path).name  # no new Path per file: a warm plan stamps many
+    st = os.stat(path)
+    return [name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, _digest(path, st.st_size, content)]
 
 
 def stamp(path: str | os.PathLike[str], content: Content = "partial") -> list[Any]:

@@ -165,10 +165,13 @@ class ArtifactStore(Safekeeping, Documents):
             except FileNotFoundError:
                 return False, None
             return True, ("empty commit marker" if info.get("size") == 0 else None)
-        final = self._p(ref.path)
-        for parent, label in ((self._p(ref.stage), "stage"), (self._p(ref.stage, ref.key[:2]), "prefix")):
-            if localfs.kind(parent) == localfs.LINK:
+        for parts, label in (((ref.stage,), "stage"), ((ref.stage, ref.key[:2]), "prefix")):
+            k = localfs.kind(self._p(*parts))
+            if k == localfs.LINK:
                 return True, f"its {label} folder is a symlink"
+            if k == localfs.ABSENT:  # nothing below it either: one lstat for a stage never run (a new catalog)
+                return False, None
+        final = self._p(ref.path)
         k = localfs.kind(final)
         if k == localfs.ABSENT:
             return False, None

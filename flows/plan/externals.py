@@ -47,11 +47,14 @@ FLUSH_EVERY = 512  # new entries per batch document
 MAX_BATCHES = 32  # more batch documents than this are merged into one when the index is read
 
 
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode  # json.dumps's, built once
+
+
 def fingerprint(kind: str, paths: list[Path], extra: Any = None) -> str:
     """What identifies these files' content cheaply (never a digest of the content itself)."""
     record = [INDEX_VERSION, kind, extra, [[os.path.abspath(p), *file_stamp(p)] for p in paths]]
     # Names, numbers and hex digests only: plain JSON is canonical here (and 3x cheaper than canonical_json).
-    return hashlib.sha256(json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode()).hexdigest()
+    return hashlib.sha256(_ENCODE(record).encode()).hexdigest()
 
 
 class FingerprintIndex:
@@ -148,9 +151,11 @@ def decode_limits(limits: Any) -> DecodeLimits:
 class JobExternals:
     """Digests now (from the index when possible); the source reference and the images on demand."""
 
+    __slots__ = ("job", "ingest_params", "store", "limits", "_source", "_layout", "_digests")  # one per job plan
+
     def __init__(self, job: Any, ingest_params: Mapping[str, Any], store: ArtifactStore, limits: Any = None) -> None:
         self.job = job
-        self.ingest_params = dict(ingest_params)
+        self.ingest_params = ingest_params  # read only (the planner's, shared by every job with the same)
         self.store = store
         self.limits = decode_limits(limits)
         self._source: Any = None  # the SourceRef, hashed
@@ -173,6 +178,8 @@ class JobExternals:
 
     # ---- source clip ---------------------------------------------------------------------------------
     def _source_layout(self) -> Any:
+        if self._source is not None:  # the hashed reference has the same layout; the plan keeps one of them
+            return self._source
         if self._layout is None:
             from stages.ingest import IngestParams, source_ref
 
@@ -196,11 +203,13 @@ class JobExternals:
             else:
                 self._source = with_digest(layout)
                 index.put(fp, {"digest": self._source.digest, "content": self._source.content})
+            self._layout = None
         return self._source
 
     # ---- images ----------------------------------------------------------------------------------------
     def _image_path(self, name: str) -> Path:
-        return Path(getattr(self.job, IMAGE_FIELDS[name]))
+        path = getattr(self.job, IMAGE_FIELDS[name])
+        return path if isinstance(path, Path) else Path(path)
 
     def _load_image(self, name: str) -> np.ndarray:
         from stages.source_io import read_image

@@ -9,24 +9,27 @@ and why, and the flows hand Prefect the very key the store uses.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import posixpath
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from flows.config.catalog import Catalog, Job, RowError
 from flows.config.profiles import Profile
 from flows.plan import causes as cz
-from flows.plan.calls import StageCall, Upstream, make_call
-from flows.plan.externals import SOURCE_ARRAYS, JobExternals, flush_indexes
+from flows.plan.backends import beyond_canvas, candidates, checked_weights, job_facts
+from flows.plan.calls import StageCall, StageKeys, Upstream
+from flows.plan.externals import SOURCE_ARRAYS, JobExternals, decode_limits, flush_indexes
 from stages import DELIVERABLE, PIPELINE, available_stages
 from stages.base import Stage, StageInputError
-from storage.store import ArtifactNotFound, ArtifactRef, ArtifactStore
+from storage.keys import weights_digest
+from storage.names import JOBS
+from storage.store import ArtifactRef, ArtifactStore
 
 Status = Literal["cached", "run", "skip"]
 
 
-@dataclass
+@dataclass(slots=True)
 class StagePlan:
     stage: str
     status: Status
@@ -45,7 +48,7 @@ class StagePlan:
         return cz.render(self.causes)
 
 
-@dataclass
+@dataclass(slots=True)
 class JobPlan:
     job_id: str
     job: Job | None
@@ -91,219 +94,215 @@ def ordered_stages(stages: Mapping[str, Stage] | None = None) -> dict[str, Stage
     return {n: stages[n] for n in order}
 
 
-# ---- parameters and backends ---------------------------------------------------------------------------
-
-def _param_layers(stage: Stage, job: Job, profile: Profile, cli_params: Mapping[str, Mapping[str, Any]],
-                  ) -> tuple[dict[str, Any], set[str]]:
-    """Merged parameter overrides (profile < job-level < row < CLI) and the keys set explicitly.
-
-    Job texts (prompt, seed, ...) go to every stage with such a field; only backends that read them get
-    them in their key (``Stage.key_params``)."""
-    fields = set(stage.params.model_fields)
-    merged: dict[str, Any] = dict(profile.params.get(stage.name, {}))
-    merged.update({k: v for k, v in job.common_params().items() if k in fields})
-    row = dict(job.params.get(stage.name, {}))
-    cli = dict(cli_params.get(stage.name, {}))
-    merged.update(row)
-    merged.update(cli)
-    explicit = set(profile.params.get(stage.name, {})) | set(row) | set(cli)
-    return merged, explicit
-
-
-# Arrays that exist only when the user gave them (a mask for the source, the edited shape). A backend that
-# reads one is the user's explicit choice of data, so ``auto`` prefers it when the job supplies it.
-USER_INPUTS = ("provided_masks", "provided_shape")
-
-
-def job_facts(job: Job) -> set[str]:
-    """Facts about the job's own data that backends may prefer (``Backend.preferred_when``), from its paths."""
-    from stages.ingest import davis_masks
-
-    facts: set[str] = set()
-    masks = Path(job.masks) if job.masks else davis_masks(Path(job.source))
-    if masks is not None and masks.is_dir() and sum(1 for p in masks.iterdir() if p.is_file()) > 1:
-        facts.add("per_frame_masks")
-    return facts
-
-
-def _candidates(stage: Stage, choice: str, profile: Profile, facts: set[str] | None = None) -> list[str]:
-    """Backends to try, best first. ``auto``: backends reading user-given masks (the default first), then
-    learned ones whose weights are present, then the offline default, then other weight-free backends;
-    the planner takes the first whose inputs the job can satisfy."""
-    if choice != "auto":
-        return [choice]
-    names = sorted(stage.backends, key=lambda n: n != stage.default_backend)  # default first, stable
-    preferred = [n for n in names if stage.backends[n].preferred_when in (facts or set())]
-    names = preferred + [n for n in names if n not in preferred]
-    user = [n for n in names if set(stage.used_inputs(n)) & set(USER_INPUTS)
-            and (not stage.backends[n].needs_weights or profile.has_weights(n))]
-    learned = [n for n in names if stage.backends[n].needs_weights and profile.has_weights(n)]
-    offline = [n for n in names if not stage.backends[n].needs_weights]
-    return list(dict.fromkeys(user + learned + offline))
-
-
-def _backend_choice(stage: Stage, job: Job, profile: Profile, cli_backends: Mapping[str, str]) -> str:
-    if stage.name in cli_backends:
-        return cli_backends[stage.name]
-    return job.stage_backends().get(stage.name) or profile.backends.get(stage.name) or "auto"
-
-
-def _checked_weights(stage: Stage, backend: str, profile: Profile) -> str | None:
-    """The backend's weights path, checked before any compute (present, and in its published layout)."""
-    be = stage.backend(backend)
-    weights = profile.weights_for(backend) if be.needs_weights or be.load else None
-    if be.needs_weights and not weights:
-        from stages.models import fetchable
-
-        how = f"`v2v models fetch {backend}`, " if fetchable(backend) else ""
-        raise StageInputError(f"stage {stage.name!r}: backend {backend!r} needs weights: set weights.{backend} in "
-                              f"the profile or --weights {backend}=PATH ({how}or choose another backend)")
-    if weights and not os.path.exists(weights):
-        raise StageInputError(f"stage {stage.name!r}: weights for {backend!r} not found: {weights}")
-    if weights:
-        from stages.models import check_weights
-
-        problems = check_weights(stage.name, backend, weights)
-        if problems:
-            raise StageInputError(f"stage {stage.name!r}: weights for {backend!r} at {weights} are incomplete or "
-                                  f"not the published layout: {'; '.join(problems[:3])}"
-                                  + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""))
-    return weights
-
-
 # ---- why a stage must run --------------------------------------------------------------------------------
 
-def _why(store: ArtifactStore, stage: Stage, call: StageCall, previous: Mapping[str, str]) -> list[cz.Cause]:
+def _previous(store: ArtifactStore, job_id: str) -> dict[str, str]:
+    """The stage keys of the job's last run; {} for none or a damaged manifest (DocumentDamaged: rewritten at the
+    end of the run). A local store first looks whether there is one (a stat: cheaper than a failed read)."""
+    if store.local and not os.path.lexists(posixpath.join(store.root, JOBS, f"{job_id}.json")):
+        return {}
+    try:
+        doc = store.find_job(job_id)
+    except ValueError:
+        return {}
+    return dict(doc.get("artifacts", {})) if doc else {}
+
+
+def _why(store: ArtifactStore, stage: Stage, call: StageCall, previous: Mapping[str, str]) -> tuple[cz.Cause, ...]:
     prev_key = previous.get(stage.name)
     if prev_key is None:
-        return [cz.New()]
+        return _NEW
     if prev_key == call.key:
-        return [cz.ArtifactMissing()]
+        return (cz.ArtifactMissing(),)
     try:
         old = store.attrs(ArtifactRef(stage.name, prev_key))
     except Exception:  # gone, unreadable or damaged: it cannot tell what changed
-        return [cz.PreviousGone()]
-    return cz.diff_causes(old, version=stage.code_version(call.backend), backend=call.backend,
-                          weights_digest=call.weights_digest, params=call.key_params, inputs=call.input_keys())
+        return (cz.PreviousGone(),)
+    return tuple(cz.diff_causes(old, version=stage.code_version(call.backend), backend=call.backend,
+                                weights_digest=call.weights_digest, params=call.key_params,
+                                inputs=call.input_keys()))
 
 
 # ---- planning -------------------------------------------------------------------------------------------
+
+_IN_STORE = (cz.InStore(),)  # causes shared by every plan (frozen, equal anyway)
+_NEW = (cz.New(),)
+
 
 def plan_job(job: Job, profile: Profile, store: ArtifactStore, *, stages: Mapping[str, Stage] | None = None,
              cli_params: Mapping[str, Mapping[str, Any]] | None = None,
              cli_backends: Mapping[str, str] | None = None) -> JobPlan:
     """Plan one job; a user error (bad parameter, unreadable file, missing weights) goes into ``error``."""
-    cli_params, cli_backends = cli_params or {}, cli_backends or {}
-    plan = JobPlan(job.id, job)
-    try:
-        _plan_stages(plan, job, profile, store, ordered_stages(stages), cli_params, cli_backends)
-    except StageInputError as exc:
-        plan.error = str(exc)
-    except (OSError, ValueError) as exc:
-        plan.error = f"{type(exc).__name__}: {exc}"
-    return plan
+    return Planner(profile, store, ordered_stages(stages), cli_params, cli_backends).plan(job)
 
 
-def _plan_stages(plan: JobPlan, job: Job, profile: Profile, store: ArtifactStore, stages: dict[str, Stage],
-                 cli_params: Mapping[str, Mapping[str, Any]], cli_backends: Mapping[str, str]) -> None:
-    known = set(PIPELINE) | set(stages)
-    for where, names in (("params", job.params), ("backends", job.backends), ("profile params", profile.params),
-                         ("profile backends", profile.backends), ("--set", cli_params),
-                         ("--backend", cli_backends)):
-        unknown = sorted(set(names) - known)
-        if unknown:
-            raise StageInputError(f"{where}: unknown stage(s) {unknown}; stages are {list(PIPELINE)}")
-    previous: dict[str, str] = {}
-    try:
-        previous = dict(store.job(job.id).get("artifacts", {}))
-    except (ArtifactNotFound, ValueError):  # none, or a damaged manifest (DocumentDamaged): rewritten at the end
-        pass
-    source_stage = next((st for st in stages.values() if set(st.inputs) & set(SOURCE_ARRAYS)), None)
-    if source_stage is None:
-        raise StageInputError("no stage reads the source clip")
-    source_over, _ = _param_layers(source_stage, job, profile, cli_params)
-    source_params = source_stage.resolve_params(source_over).model_dump(mode="json")
-    ext = JobExternals(job, source_params, store, limits=profile.limits)
-    resolved: dict[str, dict[str, Any]] = {source_stage.name: source_params}  # stage -> its resolved params
-    plan.externals = ext
-    available_ext = ext.names()
-    produced: dict[str, str] = {}  # array name -> stage of this job producing it
-    facts = job_facts(job)
-    for name, stage in stages.items():
-        choice = _backend_choice(stage, job, profile, cli_backends)
-        if choice != "auto" and choice not in stage.backends:
-            raise StageInputError(f"stage {name!r} has no backend {choice!r}; choose one of "
-                                  f"{sorted(stage.backends)} or 'auto'")
-        chosen, missing = None, []
-        for cand in _candidates(stage, choice, profile, facts):
-            too_big = _beyond_canvas(stage, cand, source_params)
-            if too_big and choice != "auto":
-                raise StageInputError(too_big)
-            if too_big:
+class Planner:
+    """Plans the jobs of one catalog (one profile, store, stage set and CLI choices). What does not depend on
+    the job is worked out once: parameter layers and their checks, backend facts and key templates, backend
+    candidates and checked weights (one view of the weights for the catalog), weights digests, and resolved
+    parameters with their key JSON per distinct set of overrides. One per planning run, so a changed profile,
+    parameter, weights file or stage is never served from an earlier run's cache."""
+
+    def __init__(self, profile: Profile, store: ArtifactStore, stages: dict[str, Stage],
+                 cli_params: Mapping[str, Mapping[str, Any]] | None = None,
+                 cli_backends: Mapping[str, str] | None = None) -> None:
+        self.profile, self.store, self.stages = profile, store, stages  # stages in dependency order
+        self.cli_params, self.cli_backends = cli_params or {}, cli_backends or {}
+        self.known = set(PIPELINE) | set(stages)
+        self.fixed_error: str | None = None  # the profile's or the CLI's unknown stages: every job fails alike
+        for where, names in (("profile params", profile.params), ("profile backends", profile.backends),
+                             ("--set", self.cli_params), ("--backend", self.cli_backends)):
+            unknown = sorted(set(names) - self.known)
+            if unknown and self.fixed_error is None:
+                self.fixed_error = f"{where}: unknown stage(s) {unknown}; stages are {list(PIPELINE)}"
+        # stage -> (profile layer, CLI layer, its parameter fields)
+        self.layers = {name: (dict(profile.params.get(name, {})), dict(self.cli_params.get(name, {})),
+                              frozenset(st.params.model_fields)) for name, st in stages.items()}
+        self.keys = {name: StageKeys(st) for name, st in stages.items()}
+        self.source = next((st for st in stages.values() if set(st.inputs) & set(SOURCE_ARRAYS)), None)
+        self.makes_deliverable = any(DELIVERABLE in st.outputs for st in stages.values())
+        self.limits = decode_limits(profile.limits)
+        self._candidates: dict[tuple[str, str, frozenset[str]], list[str]] = {}
+        self._weights: dict[tuple[str, str], tuple[str | None, str | None]] = {}  # -> (path, error)
+        self._digests: dict[str | None, str] = {}
+        self._tuples: dict[tuple[str, ...], tuple[str, ...]] = {}  # one copy of each upstream/externals tuple
+
+    def candidates(self, stage: Stage, choice: str, facts: frozenset[str]) -> list[str]:
+        k = (stage.name, choice, facts)
+        if k not in self._candidates:
+            self._candidates[k] = candidates(stage, choice, self.profile, set(facts))
+        return self._candidates[k]
+
+    def checked_weights(self, stage: Stage, backend: str) -> str | None:
+        k = (stage.name, backend)
+        if k not in self._weights:
+            try:
+                self._weights[k] = (checked_weights(stage, backend, self.profile), None)
+            except StageInputError as exc:
+                self._weights[k] = (None, str(exc))
+        path, error = self._weights[k]
+        if error is not None:
+            raise StageInputError(error)
+        return path
+
+    def digest(self, weights: str | None) -> str:
+        if weights not in self._digests:
+            self._digests[weights] = weights_digest(weights)
+        return self._digests[weights]
+
+    def shared(self, names: list[str]) -> tuple[str, ...]:
+        t = tuple(dict.fromkeys(names))
+        return self._tuples.setdefault(t, t)
+
+    def _layers(self, name: str, job: Job, common: Mapping[str, Any]) -> tuple[dict[str, Any], Mapping[str, Any]]:
+        """Merged overrides (profile < job-level < row < CLI) and the row's own. Job texts (prompt, seed, ...) go
+        to every stage with such a field; only backends that read them get them in their key."""
+        prof, cli, fields = self.layers[name]
+        merged = dict(prof)
+        merged.update({k: v for k, v in common.items() if k in fields})
+        row = job.params.get(name) or {}
+        merged.update(row)
+        merged.update(cli)
+        return merged, row
+
+    def plan(self, job: Job) -> JobPlan:
+        """Plan one job; a user error (bad parameter, unreadable file, missing weights) goes into ``error``."""
+        plan = JobPlan(job.id, job)
+        try:
+            self._plan_stages(plan, job)
+        except StageInputError as exc:
+            plan.error = str(exc)
+        except (OSError, ValueError) as exc:
+            plan.error = f"{type(exc).__name__}: {exc}"
+        return plan
+
+    def _plan_stages(self, plan: JobPlan, job: Job) -> None:
+        stages, store = self.stages, self.store
+        for where, names in (("params", job.params), ("backends", job.backends)):
+            unknown = sorted(set(names) - self.known)
+            if unknown:
+                raise StageInputError(f"{where}: unknown stage(s) {unknown}; stages are {list(PIPELINE)}")
+        if self.fixed_error is not None:
+            raise StageInputError(self.fixed_error)
+        previous = _previous(store, job.id)
+        if self.source is None:
+            raise StageInputError("no stage reads the source clip")
+        common, job_backends = job.common_params(), job.stage_backends()
+        source_params = self.keys[self.source.name].resolve(self._layers(self.source.name, job, common)[0])
+        ext = JobExternals(job, source_params, store, limits=self.limits)
+        resolved: dict[str, Mapping[str, Any]] = {self.source.name: source_params}  # stage -> its resolved params
+        plan.externals = ext
+        available_ext = ext.names()
+        produced: dict[str, str] = {}  # array name -> stage of this job producing it
+        made: dict[str, Upstream] = {}  # stage -> its artifact, as an input of later stages
+        facts = frozenset(job_facts(job))
+        for name, stage in stages.items():
+            keys = self.keys[name]
+            choice = self.cli_backends[name] if name in self.cli_backends else (
+                job_backends.get(name) or self.profile.backends.get(name) or "auto")
+            if choice != "auto" and choice not in stage.backends:
+                raise StageInputError(f"stage {name!r} has no backend {choice!r}; choose one of "
+                                      f"{sorted(stage.backends)} or 'auto'")
+            chosen, missing = None, []
+            for cand in self.candidates(stage, choice, facts):
+                too_big = beyond_canvas(stage, cand, source_params)
+                if too_big and choice != "auto":
+                    raise StageInputError(too_big)
+                if too_big:
+                    continue
+                missing = [i for i in keys.used_inputs(cand) if i not in produced and i not in available_ext]
+                if not missing:
+                    chosen = cand
+                    break
+            if chosen is None:
+                keys.resolve(self._layers(name, job, common)[0])  # a bad value is still bad
+                plan.stages[name] = StagePlan(name, "skip", _skip_causes(missing, stages, plan))
                 continue
-            need = stage.used_inputs(cand)
-            missing = [i for i in need if i not in produced and i not in available_ext]
-            if not missing:
-                chosen = cand
-                break
-        if chosen is None:
-            stage.resolve_params(_param_layers(stage, job, profile, cli_params)[0])  # a bad value is still bad
-            plan.stages[name] = StagePlan(name, "skip", _skip_causes(missing, stages, plan))
-            continue
-        be = stage.backend(chosen)
-        weights = _checked_weights(stage, chosen, profile)
-        overrides, explicit = _param_layers(stage, job, profile, cli_params)
-        for f, leader in stage.params.follows.items():  # e.g. the canvas: ingest's, for every stage
-            if leader == name or leader not in resolved or f not in resolved[leader]:
-                continue
-            if f in explicit and overrides[f] != resolved[leader][f]:
-                raise StageInputError(f"stage {name!r}: {f}={overrides[f]!r} differs from {leader}'s "
-                                      f"({f}={resolved[leader][f]!r}); set it on {leader} instead")
-            overrides[f] = resolved[leader][f]
-        inputs: dict[str, Upstream | str] = {}
-        upstream: list[str] = []
-        ext_used: list[str] = []
-        for i in stage.used_inputs(chosen):
-            if i in produced:
-                src = plan.stages[produced[i]]
-                inputs[i] = Upstream(src.stage, src.key)
-                upstream.append(src.stage)
+            be = stage.backend(chosen)
+            weights = self.checked_weights(stage, chosen)
+            overrides, row = self._layers(name, job, common)
+            for f, leader in stage.params.follows.items():  # e.g. the canvas: ingest's, for every stage
+                if leader == name or leader not in resolved or f not in resolved[leader]:
+                    continue
+                prof, cli, _ = self.layers[name]
+                if (f in prof or f in row or f in cli) and overrides[f] != resolved[leader][f]:
+                    raise StageInputError(f"stage {name!r}: {f}={overrides[f]!r} differs from {leader}'s "
+                                          f"({f}={resolved[leader][f]!r}); set it on {leader} instead")
+                overrides[f] = resolved[leader][f]
+            inputs: dict[str, Upstream | str] = {}
+            upstream: list[str] = []
+            ext_used: list[str] = []
+            for i in keys.used_inputs(chosen):
+                if i in produced:
+                    inputs[i] = made[produced[i]]
+                    upstream.append(produced[i])
+                else:
+                    inputs[i] = ext.digest(i)
+                    ext_used.append(i)
+            call = keys.call(chosen, overrides, inputs, weights, self.digest)
+            there, damage = store.presence(call.ref)
+            if there and damage is None:
+                status: Status = "cached"
+                why: tuple[cz.Cause, ...] = _IN_STORE
+            elif damage is not None:  # the run's write quarantines it and puts a fresh one in its place
+                status, why = "run", (cz.ArtifactDamaged(damage),)
             else:
-                inputs[i] = ext.digest(i)
-                ext_used.append(i)
-        call = make_call(stage, params=overrides, backend=chosen, inputs=inputs, weights=weights)
-        there, damage = store.presence(call.ref)
-        if there and damage is None:
-            status: Status = "cached"
-            why: list[cz.Cause] = [cz.InStore()]
-        elif damage is not None:  # the run's write quarantines it and puts a fresh one in its place
-            status, why = "run", [cz.ArtifactDamaged(damage)]
-        else:
-            status, why = "run", _why(store, stage, call, previous)
-        plan.stages[name] = StagePlan(name, status, tuple(why), call, tuple(dict.fromkeys(upstream)), tuple(ext_used),
-                                      gpu=be.gpu)
-        resolved[name] = dict(call.params)
-        for out in stage.outputs:
-            needs = stage.output_needs_input.get(out)
-            if needs is not None and not ext.supplies(needs):
-                continue
-            produced[out] = name
-    if DELIVERABLE not in produced and any(DELIVERABLE in st.outputs for st in stages.values()):
-        # The first skip in the chain says why (the later ones only say "stage X skipped").
-        root = next((sp for sp in plan.stages.values() if sp.status == "skip" and any(
-            isinstance(c, cz.MissingInput) and not c.why.startswith("stage ") for c in sp.causes)), None)
-        why = f"stage {root.stage} is skipped: {root.reason}" if root else "its stage is skipped"
-        raise StageInputError(f"no {DELIVERABLE} can be made: {why}")
-
-
-def _beyond_canvas(stage: Stage, backend: str, source_params: Mapping[str, Any]) -> str | None:
-    """Why ``backend`` cannot take the job's canvas (its ``max_canvas``), or None."""
-    limit = stage.backend(backend).max_canvas
-    w, h = source_params.get("width"), source_params.get("height")
-    if limit is None or not w or not h or max(w, h) <= limit:
-        return None
-    return (f"stage {stage.name!r} ({backend}): the canvas {w}x{h} is beyond what this backend takes ({limit} px "
-            f"a side); use a smaller canvas (ingest width/height) or the offline backend {stage.default_backend!r}")
+                status, why = "run", _why(store, stage, call, previous)
+            plan.stages[name] = StagePlan(name, status, why, call, self.shared(upstream), self.shared(ext_used),
+                                          gpu=be.gpu)
+            resolved[name] = call.params
+            made[name] = Upstream(name, call.key)
+            for out in stage.outputs:
+                needs = stage.output_needs_input.get(out)
+                if needs is not None and not ext.supplies(needs):
+                    continue
+                produced[out] = name
+        if DELIVERABLE not in produced and self.makes_deliverable:
+            # The first skip in the chain says why (the later ones only say "stage X skipped").
+            root = next((sp for sp in plan.stages.values() if sp.status == "skip" and any(
+                isinstance(c, cz.MissingInput) and not c.why.startswith("stage ") for c in sp.causes)), None)
+            why_not = f"stage {root.stage} is skipped: {root.reason}" if root else "its stage is skipped"
+            raise StageInputError(f"no {DELIVERABLE} can be made: {why_not}")
 
 
 def _skip_causes(missing: list[str], stages: Mapping[str, Stage], plan: JobPlan) -> tuple[cz.Cause, ...]:
@@ -323,28 +322,38 @@ def _skip_causes(missing: list[str], stages: Mapping[str, Stage], plan: JobPlan)
     return tuple(out)
 
 
+def iter_plans(catalog: Catalog, profile: Profile, store: ArtifactStore, *,
+               stages: Mapping[str, Stage] | None = None,
+               cli_params: Mapping[str, Mapping[str, Any]] | None = None,
+               cli_backends: Mapping[str, str] | None = None) -> Iterator[JobPlan]:
+    """Plan job after job, lazily: a run consumes them while it computes, and memory holds only the plans in
+    flight. Rows that failed validation become failed plans with their reason. The fingerprint index's last
+    batch is written when the catalog is exhausted."""
+    planner = Planner(profile, store, ordered_stages(stages), cli_params, cli_backends)
+    for entry in catalog.entries:
+        if isinstance(entry, RowError):
+            yield JobPlan(entry.job_id, None, error=str(entry))
+            continue
+        plan = planner.plan(entry)
+        where = catalog.where(entry.id)
+        if plan.error is not None and where:  # named like a load error: the row's line, then the field
+            plan.error = f"{where}: {plan.error}"
+        yield plan
+    try:
+        flush_indexes()  # now rather than at exit
+    except Exception:  # noqa: BLE001 - an index that cannot be written only costs a re-hash next time
+        pass
+
+
 def plan_catalog(catalog: Catalog, profile: Profile, store: ArtifactStore, *,
                  stages: Mapping[str, Stage] | None = None,
                  cli_params: Mapping[str, Mapping[str, Any]] | None = None,
                  cli_backends: Mapping[str, str] | None = None,
                  on_job: Any = None) -> list[JobPlan]:
-    """Plan every job; rows that failed validation become failed plans with their reason."""
-    ordered = ordered_stages(stages)
+    """Plan every job (a list: ``v2v plan`` and the tests; a run streams :func:`iter_plans`)."""
     plans = []
-    for entry in catalog.entries:
-        if isinstance(entry, RowError):
-            plan = JobPlan(entry.job_id, None, error=str(entry))
-        else:
-            plan = plan_job(entry, profile, store, stages=ordered, cli_params=cli_params,
-                            cli_backends=cli_backends)
-            where = catalog.where(entry.id)
-            if plan.error is not None and where:  # named like a load error: the row's line, then the field
-                plan.error = f"{where}: {plan.error}"
+    for plan in iter_plans(catalog, profile, store, stages=stages, cli_params=cli_params, cli_backends=cli_backends):
         plans.append(plan)
         if on_job:
             on_job(plan)
-    try:
-        flush_indexes()  # the fingerprint index's last batch, now rather than at exit
-    except Exception:  # noqa: BLE001 - an index that cannot be written only costs a re-hash next time
-        pass
     return plans
