@@ -1,33 +1,53 @@
-"""Catalogs at scale: plan seconds (cold and warm) and plan peak RSS for N new clips.
+"""Catalogs at scale: plan seconds (cold, warm) and peak RSS for N new clips, then run seconds and run peak RSS.
 
 Rows: N = 10, 100, 1,000 and 10,000 tiny clips (160x120, 10 frames, H.264, each with its own edited first
-frame) and 20 synthetic 1080p clips (16 frames). Every clip differs (its own moving square), so every job is
-new. Each plan runs in a fresh process (``prepare_catalog``, what ``v2v plan`` calls, catalog parsing
-included, imports not); peak RSS is that process's ``ru_maxrss``, its baseline after the imports beside it.
+frame) and 20 and 100 synthetic 1080p clips (16 frames). Every clip differs (its own moving square), so every
+job is new. Each plan and each run is a fresh child process; peak RSS is that process's VmHWM, its RSS after
+the imports beside it.
+
+Plans (``stream_catalog`` consumed as ``v2v plan`` does, catalog parsing included, imports not):
 
 * cold: an empty store (no fingerprint index): every source and first frame is hashed;
 * warm: the same catalog again (sources unchanged): fingerprints from the index.
 
-The clips are written once under ``--root`` (default ``/tmp/v2v-scale``) and reused; the stores are fresh.
-Run columns (inline, Prefect, Ray) are not measured here yet.
+Runs (every row but ``--plan-only``): ``flows.api.run_catalog`` into a fresh store and ``out`` folder, offline
+backends, planning included (``keep_plans=False`` when the API has it: what ``v2v run`` does), with
 
-Run: .venv/bin/python bench/scale.py [--sizes 10,100,1000,10000] [--hd 20] [--root /tmp/v2v-scale]
-Goals (issue 12): cold plan of 10,000 <= 60 s, warm <= 10 s; peak RSS about the same at 100 and 10,000.
+* inline: the thread executor, ``--workers`` stage slots, no Prefect;
+* prefect: the Prefect flow, local runner (``--workers`` slots), against one ``v2v server`` the bench starts;
+* ray: the Prefect flow, stages sent to a two-node Ray cluster the bench starts (``ray start``, one CPU per
+  node, token auth): 2 slots. The run's peak RSS is the driver's; the workers (separate processes, new ones
+  for each run) are reported apart: the sum of each worker's VmHWM, sampled while the run runs.
+
+The bench stops what it started (server, nodes) at the end, on Ctrl-C and on errors; the clips are written
+once under ``--root`` (default ``/tmp/v2v-scale``) and reused; stores and outputs are removed after each row.
+
+Run: .venv/bin/python bench/scale.py [--sizes 10,100,1000,10000] [--hd 20,100] [--plan-only 10000]
+     [--orchestrators inline,prefect,ray] [--workers 2] [--no-run] [--root /tmp/v2v-scale]
+Goals (issue 12): cold plan of 10,000 <= 60 s, warm <= 10 s; plan peak RSS about the same at 100 and 10,000;
+a run's peak RSS set by the slots in flight, not by N.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _services as services  # noqa: E402  (bench/ is no package: its helper beside it)
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFLINE = {"source_masks": "track", "flow": "dis", "depth": "ground-prior", "shape_mask": "change",
@@ -119,63 +139,235 @@ def _cpu() -> float:
 
 
 def child_plan(catalog: str, store: str, kind: str) -> None:
-    """One plan in this process: prints seconds (wall and CPU), peak RSS and the RSS after imports (JSON)."""
-    from flows.api import prepare_catalog
+    """One plan in this process, as `v2v plan` makes it (streamed: each job's plan dropped once counted; the
+    catalog's rows are parsed whole first): prints seconds (wall and CPU), peak RSS and the RSS after imports."""
+    from flows.api import stream_catalog
     from flows.config.profiles import Profile
     from flows.plan.externals import flush_indexes
 
     base = peak_rss_mb()
     profile = Profile(name="scale", store=store, backends=OFFLINE, params=KINDS[kind]["params"])
     t, c = time.perf_counter(), _cpu()
-    _, _, plans, _ = prepare_catalog(catalog, profile, store)
+    _, _, _, plans = stream_catalog(catalog, profile, store)
+    jobs, bad = 0, []
+    for plan in plans:
+        jobs += 1
+        if not plan.ok:
+            bad.append(plan.error)
     flush_indexes()  # the index's last batch: part of the plan's cost
     seconds, cpu = time.perf_counter() - t, _cpu() - c
-    bad = [p.error for p in plans if not p.ok]
-    print(json.dumps({"seconds": seconds, "cpu": cpu, "rss_mb": peak_rss_mb(), "base_mb": base, "jobs": len(plans),
+    print(json.dumps({"seconds": seconds, "cpu": cpu, "rss_mb": peak_rss_mb(), "base_mb": base, "jobs": jobs,
                       "failed": len(bad), "first_error": bad[:1]}))
 
 
-def _plan(catalog: Path, store: Path, kind: str) -> dict[str, float]:
+def _plan(catalog: Path, store: Path, kind: str) -> dict[str, Any]:
     out = subprocess.run([sys.executable, __file__, "--child", str(catalog), str(store), kind], cwd=ROOT,
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", default="10,100,1000,10000", help="tiny-clip catalog sizes")
-    ap.add_argument("--hd", type=int, default=20, help="1080p clips (0: none)")
-    ap.add_argument("--root", default="/tmp/v2v-scale")
-    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.child:
-        child_plan(*args.child)
-        return
-    root = Path(args.root)
-    rows = [("tiny", int(n)) for n in args.sizes.split(",") if n] + ([("hd", args.hd)] if args.hd else [])
+def child_run(spec: dict[str, Any]) -> None:
+    """One run in this process (``run_catalog``, the public API); prints its figures after RESULT."""
+    import inspect
+
+    from flows.api import run_catalog
+    from flows.config.profiles import Profile
+
+    orch = spec["orchestrator"]
+    if orch != "inline":  # imports outside the figures, as for the plans
+        import flows.orchestrate.prefect_flows  # noqa: F401
+    if orch == "ray":
+        import flows.orchestrate.ray_dispatch  # noqa: F401
+    base = peak_rss_mb()
+    runner = ({"kind": "ray", "address": spec["address"], "cpus_per_task": 1} if orch == "ray"
+              else {"max_workers": spec["workers"]})
+    profile = Profile(name="scale-run", store=spec["store"], out=spec["out"], backends=OFFLINE, runner=runner,
+                      params=KINDS[spec["kind"]]["params"])
+    # What `v2v run` does once the API streams plans; the same call before that.
+    stream = {"keep_plans": False} if "keep_plans" in inspect.signature(run_catalog).parameters else {}
+    t, c = time.perf_counter(), _cpu()
+    report, _ = run_catalog(spec["catalog"], profile=profile, store=spec["store"],
+                            orchestrator="inline" if orch == "inline" else "prefect", **stream)
+    seconds, cpu = time.perf_counter() - t, _cpu() - c
+    bad = [j.error for j in report.jobs if j.status == "failed"]
+    print("RESULT " + json.dumps({"seconds": seconds, "cpu": cpu, "rss_mb": peak_rss_mb(), "base_mb": base,
+                                  "jobs": len(report.jobs), "failed": len(bad), "first_error": bad[:1],
+                                  "streamed": bool(stream), "orchestrator": report.orchestrator}), flush=True)
+
+
+class WorkerSampler:
+    """The Ray workers' peak RSS and CPU during one run: each worker's VmHWM and CPU time, read every 0.2 s until
+    it exits (Ray starts new workers for each driver and ends them with it, so none carries another run's)."""
+
+    def __init__(self, cluster: services.RayCluster) -> None:
+        self.cluster = cluster
+        self.seen: dict[tuple[int, str | None], tuple[int, float]] = {}  # (pid, start) -> (VmHWM KiB, CPU s)
+
+    def sample(self) -> None:
+        for pid, started in self.cluster.workers():
+            hwm = services.status_kb(pid)
+            try:
+                ticks = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                cpu = (int(ticks[11]) + int(ticks[12])) / os.sysconf("SC_CLK_TCK")
+            except (OSError, IndexError, ValueError):
+                continue
+            if hwm is not None:
+                self.seen[(pid, started)] = (max(hwm, self.seen.get((pid, started), (0, 0))[0]), cpu)
+
+    def figures(self) -> dict[str, float]:
+        peaks = [h / 1024 for h, _ in self.seen.values()]
+        return {"workers": len(peaks), "workers_mb": sum(peaks), "worker_max_mb": max(peaks, default=0.0),
+                "workers_cpu": sum(c for _, c in self.seen.values())}
+
+
+def _run(catalog: Path, kind: str, n: int, orch: str, root: Path, args: argparse.Namespace,
+         env: dict[str, str], cluster: services.RayCluster | None) -> dict[str, Any]:
+    folder = root / "runs" / f"{kind}-{n}-{orch}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    spec = {"catalog": str(catalog), "store": str(folder / "store"), "out": str(folder / "out"), "kind": kind,
+            "orchestrator": orch, "workers": args.workers, "address": cluster.address if cluster else None}
+    log = root / "runs" / f"{kind}-{n}-{orch}.log"
+    sampler = WorkerSampler(cluster) if orch == "ray" else None
+    with open(log, "wb") as out:  # a file, not a pipe: nobody reads a pipe while we poll
+        proc = subprocess.Popen([sys.executable, __file__, "--child-run", json.dumps(spec)], cwd=folder, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                preexec_fn=services.die_with_parent(signal.SIGKILL))  # even if we are SIGKILLed
+    try:
+        deadline = time.monotonic() + args.run_timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            if sampler:
+                sampler.sample()
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:  # timed out, Ctrl-C or an error here: the run ends with the bench
+            proc.kill()
+            proc.wait(30)
+        shutil.rmtree(folder, ignore_errors=True)  # 1080p outputs are big
+    text = log.read_text(errors="replace")
+    found = [line[7:] for line in text.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not found:
+        why = "timed out" if proc.returncode == -9 else f"exit {proc.returncode}"
+        return {"error": f"{why}; log {log}: " + " | ".join(text.strip().splitlines()[-3:])[-300:]}
+    return {**json.loads(found[-1]), **(sampler.figures() if sampler else {})}
+
+
+def _load() -> str:
+    return f"{os.getloadavg()[0]:4.1f}"
+
+
+def print_plans(rows: list[tuple[str, int]], root: Path) -> dict[tuple[str, int], Path]:
     head = (f"{'clips':>16} | {'plan cold s':>11} {'cpu s':>6} {'ms/job':>7} | {'plan warm s':>11} {'cpu s':>6} "
-            f"{'ms/job':>7} | {'peak RSS MB':>11} {'warm':>6} {'(imports)':>9} | failed")
+            f"{'ms/job':>7} | {'peak RSS MB':>11} {'warm':>6} {'(imports)':>9} | load | failed")
     print(head)
     print("-" * len(head))
+    catalogs = {}
     for kind, n in rows:
         t = time.perf_counter()
-        catalog = make_catalog(kind, n, root)
+        catalogs[(kind, n)] = catalog = make_catalog(kind, n, root)
         made = time.perf_counter() - t
         store = root / f"store-{kind}-{n}"
         shutil.rmtree(store, ignore_errors=True)
         cold = _plan(catalog, store, kind)
         warm = _plan(catalog, store, kind)
-        label = f"{n} {'tiny' if kind == 'tiny' else '1080p'}"
-        print(f"{label:>16} | {cold['seconds']:11.2f} {cold['cpu']:6.1f} {1e3 * cold['seconds'] / n:7.2f} | "
+        print(f"{_label(kind, n):>16} | {cold['seconds']:11.2f} {cold['cpu']:6.1f} {1e3 * cold['seconds'] / n:7.2f} | "
               f"{warm['seconds']:11.2f} {warm['cpu']:6.1f} {1e3 * warm['seconds'] / n:7.2f} | "
-              f"{cold['rss_mb']:11.0f} {warm['rss_mb']:6.0f} "
-              f"{cold['base_mb']:9.0f} | {cold['failed']}" + (f" {cold['first_error']}" if cold["failed"] else "")
+              f"{cold['rss_mb']:11.0f} {warm['rss_mb']:6.0f} {cold['base_mb']:9.0f} | {_load()} | {cold['failed']}"
+              + (f" {cold['first_error']}" if cold["failed"] else "")
               + (f"   (clips written in {made:.0f} s)" if made > 5 else ""), flush=True)
         shutil.rmtree(store, ignore_errors=True)
-    print("plan: prepare_catalog (what `v2v plan` runs: catalog parse + every job's keys) in a fresh process; "
+    print("plan: stream_catalog (what `v2v plan` runs: catalog parse + every job's keys, each plan dropped once "
+          "made) in a fresh process; "
           "cold: empty store; warm: the same catalog again; cpu: its user + system seconds (wall minus waiting "
-          f"for a core: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores now); "
-          "peak RSS: VmHWM of the planning process")
+          f"for a core, on {os.cpu_count()} cores); peak RSS: VmHWM of the planning process; load: 1-min load "
+          "average after the row\n", flush=True)
+    return catalogs
+
+
+def _label(kind: str, n: int) -> str:
+    return f"{n} {'tiny' if kind == 'tiny' else '1080p'}"
+
+
+def print_runs(rows: list[tuple[str, int]], catalogs: dict[tuple[str, int], Path], orchs: list[str], root: Path,
+               args: argparse.Namespace) -> None:
+    with contextlib.ExitStack() as stack:
+        env, cluster = services.clean_env(), None
+        wide = "ray" in orchs  # the Ray workers' column
+        if set(orchs) & {"prefect", "ray"}:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="v2vb-prefect-")))
+            env["PREFECT_API_URL"] = url = stack.enter_context(services.prefect_server(tmp))
+            print(f"Prefect server up at {url}", flush=True)
+        if "ray" in orchs:
+            # A short folder: Ray's Unix sockets live under it (108-byte limit).
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="v2vb-ray-")))
+            cluster = stack.enter_context(services.ray_cluster(tmp, env.get("PREFECT_API_URL")))
+            print(f"Ray cluster up at {cluster.address} (2 nodes, 1 CPU each)", flush=True)
+        head = (f"{'clips':>16} | {'run':<7} | {'wall s':>8} {'cpu s':>7} {'s/job':>6} | {'peak RSS MB':>11} "
+                f"{'(imports)':>9} | " + (f"{'Ray workers: n, sum of peaks MB, max, cpu s':<44} | " if wide else "")
+                + "load | failed")
+        print(head)
+        print("-" * len(head), flush=True)
+        streamed = None
+        for kind, n in rows:
+            for orch in orchs:
+                r = _run(catalogs[(kind, n)], kind, n, orch, root, args,
+                         {**env, **(cluster.driver_env if orch == "ray" and cluster else {})}, cluster)
+                if "error" in r:
+                    print(f"{_label(kind, n):>16} | {orch:<7} | {r['error']}", flush=True)
+                    continue
+                streamed = r["streamed"]
+                ray = (f"{r['workers']:3d} {r['workers_mb']:8.0f} {r['worker_max_mb']:6.0f} {r['workers_cpu']:7.1f}"
+                       if orch == "ray" else "")
+                ray = f"{ray:<44} | " if wide else ""
+                print(f"{_label(kind, n):>16} | {orch:<7} | {r['seconds']:8.1f} {r['cpu']:7.1f} "
+                      f"{r['seconds'] / n:6.2f} | {r['rss_mb']:11.0f} {r['base_mb']:9.0f} | {ray}{_load()} | "
+                      f"{r['failed']}" + (f" {r['first_error']}" if r["failed"] else ""), flush=True)
+    print(f"run: run_catalog (planning included; plans {'streamed, keep_plans=False' if streamed else 'all first'}) "
+          f"into a fresh store in a fresh process; inline/prefect: {args.workers} stage slots (local runner); ray: "
+          "the Prefect flow, stages on 2 nodes x 1 CPU; cpu: the process' user + system seconds (ray: the driver's; "
+          "the workers' apart); peak RSS: VmHWM of the run process (ray: the driver); Ray workers: how many ran, the "
+          "sum and the largest of their VmHWM (sampled every 0.2 s), their CPU seconds; not counted: the Prefect "
+          "server, Ray's own node processes")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="10,100,1000,10000", help="tiny-clip catalog sizes")
+    ap.add_argument("--hd", default="20,100", help="1080p catalog sizes ('' or 0: none)")
+    ap.add_argument("--plan-only", default="10000", help="tiny sizes planned but not run")
+    ap.add_argument("--orchestrators", default="inline,prefect,ray")
+    ap.add_argument("--workers", type=int, default=2, help="stage slots of the inline and prefect runs")
+    ap.add_argument("--no-run", action="store_true", help="plans only")
+    ap.add_argument("--run-timeout", type=float, default=7200, help="seconds one run may take")
+    ap.add_argument("--root", default="/tmp/v2v-scale")
+    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--child-run", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child_plan(*args.child)
+        return
+    if args.child_run:
+        child_run(json.loads(args.child_run))
+        return
+    orchs = [o for o in args.orchestrators.split(",") if o]
+    if unknown := set(orchs) - {"inline", "prefect", "ray"}:
+        ap.error(f"unknown orchestrators {sorted(unknown)}")
+    # SIGTERM / SIGHUP unwind like Ctrl-C, so the server and the nodes are stopped.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
+    root = Path(args.root)
+    rows = [("tiny", n) for n in _ints(args.sizes)] + [("hd", n) for n in _ints(args.hd) if n > 0]
+    runs = [(k, n) for k, n in rows if not (k == "tiny" and n in _ints(args.plan_only))]
+    try:
+        catalogs = print_plans(rows, root)
+        if not args.no_run and runs and orchs:
+            print_runs(runs, catalogs, orchs, root, args)
+    except KeyboardInterrupt:  # what we started is stopped by now
+        sys.exit("interrupted")
 
 
 if __name__ == "__main__":
