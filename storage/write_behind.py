@@ -62,6 +62,15 @@ class ArrayCache:
         for name, arr in arrays.items():
             self.put(key, name, arr)
 
+    def drop(self, keys: Iterable[str]) -> None:
+        """Forget these artifacts' arrays (no job in flight reads them any more)."""
+        with self.lock:
+            for key in keys:
+                for name in self.names.pop(key, ()):
+                    arr = self.items.pop((key, name), None)
+                    if arr is not None:
+                        self.size -= arr.nbytes
+
     def put(self, key: str, name: str, arr: np.ndarray) -> None:
         if arr.nbytes > self.max_bytes:
             return
@@ -196,6 +205,12 @@ def store_for(url: str, options: dict[str, Any] | None = None) -> WorkerStore:
         if key not in _STORES:
             _STORES[key] = WorkerStore(ArtifactStore(url, **(options or {})))
         return _STORES[key]
+
+
+def forget_arrays(keys: Iterable[str]) -> None:
+    """Drop these artifacts from this process's array cache: the run has ended every job that reads them, so
+    memory follows the jobs in flight rather than filling the cache's budget with finished work."""
+    ARRAYS.drop(keys)
 
 
 def flush_all() -> None:

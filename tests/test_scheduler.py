@@ -408,3 +408,28 @@ def test_a_streamed_run_protects_the_jobs_in_flight_and_releases_the_ended(store
     assert checked and all(checked)  # every call's artifact was protected before it was submitted
     assert max(sizes) <= 2 * (4 + 4 // 4)  # the jobs in flight (and one refill), not the catalog
     assert book.protected() == set()  # the lease is gone with the run
+
+
+def test_an_ended_jobs_arrays_leave_the_process_cache(store: ArtifactStore) -> None:
+    """Written behind, an artifact's arrays stay in this process's cache for the next stage; once every job
+    that reads them has ended they are dropped, so a long run does not fill the cache with finished work."""
+    from storage.write_behind import ARRAYS
+
+    plans = [job_plan(f"j{i}", [stage("ingest", f"clip{i}"), stage("edit", f"edit{i}", ("ingest",)),
+                                stage("after", f"after{i}", ("edit",))]) for i in range(6)]
+    ex = FakeExecutor(stage_slots=1, seconds=0.1)  # the commits finish while the next stages compute
+    ex.write = store.url
+    every = {sp.key for p in plans for sp in p.stages.values()}
+    cached: list[int] = []
+    submit = ex.submit
+
+    def watching(job_id: str, sp: StagePlan, externals: dict[str, Any] | None) -> Any:
+        cached.append(len(every & set(ARRAYS.names)))  # committed arrays of jobs in flight, kept for reads
+        return submit(job_id, sp, externals)
+
+    ex.submit = watching  # type: ignore[method-assign]
+    report = schedule(Pulled(plans), ex, store, window=2)
+    assert all(j.status == "done" for j in report.jobs)
+    assert max(cached) > 0
+    assert not every & {k for k, _ in ARRAYS.items} and not every & set(ARRAYS.names)
+    assert all(store.exists(sp.call.ref) for p in plans for sp in p.stages.values())  # type: ignore[union-attr]

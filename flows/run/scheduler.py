@@ -35,7 +35,7 @@ from flows.run.outcomes import BLOCKED, Done, Failed, FailureKind, TaskOutcome, 
 from flows.run.results import JobResult, NullReporter, Reporter, RunReport, StageResult
 from storage.leases import Lease
 from storage.store import ArtifactRef, ArtifactStore
-from storage.write_behind import flush_all, store_for
+from storage.write_behind import flush_all, forget_arrays, store_for
 
 
 class KeyState(enum.Enum):
@@ -374,6 +374,7 @@ class Scheduler:
         """Drop an ended job's plan and every key no job in flight uses any more (only its result stays)."""
         del self.jobs[job.plan.job_id]
         self.ended.append((job.rank, job.result))
+        gone: list[str] = []
         for sp in job.plan.stages.values():
             task = self.keys.get(sp.key) if sp.key else None
             if task is None:
@@ -381,10 +382,12 @@ class Scheduler:
             task.users = [(p, s) for p, s in task.users if p is not job.plan]
             if not task.users and task.state in (KeyState.DONE, KeyState.FAILED, KeyState.BLOCKED):
                 del self.keys[sp.key]
+                gone.append(sp.key)
                 if task.state is KeyState.FAILED and isinstance(task.outcome, Failed):
                     self.failed[sp.key] = task.outcome
                 if sp.call is not None:
                     self.released.append(sp.call.ref)
+        forget_arrays(gone)  # this process's copies of them: memory follows the jobs in flight
 
 
 def schedule(plans: Iterable[JobPlan], executor: Executor, store: ArtifactStore, reporter: Reporter | None = None,
