@@ -41,8 +41,8 @@ class RunnerConfig(BaseModel):
                             "~20 ms each), 'job' (a job's stages, or jobs sharing a source, run inside one task: "
                             "for large catalogs), 'auto': 'job' from `job_tasks_from` jobs on (local runner)")
     job_tasks_from: int = Field(50, ge=1, description="auto: catalogs with at least this many jobs use job tasks")
-    plan_ahead: int = Field(64, ge=1, description="jobs planned and in flight at once (at least twice the stage "
-                                                  "slots): a run's memory follows this, not the catalog's size")
+    plan_ahead: int = Field(8, ge=1, description="jobs planned and in flight at once (at least twice the stage "
+                                                 "slots): a run's memory follows this, not the catalog's size")
     dispatch: Literal["ray", "prefect-ray"] = Field(
         "ray", description="ray: Prefect tasks in this process send each stage's body to Ray as a plain task; "
                            "prefect-ray: prefect-ray's RayTaskRunner runs whole Prefect tasks in the workers "

@@ -94,7 +94,7 @@ class Scheduler:
         self.total = total if total is not None else (len(plans) if isinstance(plans, list | tuple) else None)
         self.source: Iterator[JobPlan] | None = iter(plans)
         slots = executor.stage_slots or 1
-        self.window = max(window or 64, 2 * slots, 1)
+        self.window = max(window or 8, 2 * slots, 1)
         self.ranks = itertools.count()
         self.keys: dict[str, KeyTask] = {}
         self.jobs: dict[str, JobTask] = {}  # jobs in flight (planned, not ended)
