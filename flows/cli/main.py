@@ -62,14 +62,14 @@ def _execute(catalog: Any, profile: str | None, store: str | None, request: Any,
 
     prefect_env.configure(verbose)
     from flows.api import run_catalog
-    from flows.cli.progress import RichReporter, summary_table
+    from flows.cli.progress import SUMMARY_ROWS, RichReporter, summary_table
 
     console = _console()
     with RichReporter(console) as reporter:
         report, _ = run_catalog(catalog, profile=profile, store=store, request=request, reporter=reporter,
                                 orchestrator="inline" if inline else "prefect", keep_plans=False)
     console.print(summary_table(report))
-    shown = report.jobs if len(report.jobs) <= 50 else []
+    shown = report.jobs if len(report.jobs) <= SUMMARY_ROWS else []  # the summary names only failed jobs then
     for job in shown:
         if job.outputs.get("contact_sheet"):
             console.print(f"  {escape(job.job_id)}: video [cyan]{escape(job.outputs.get('mp4', '—'))}[/], contact "

@@ -9,7 +9,7 @@ from typing import Any
 from flows.config.catalog import Catalog
 from flows.config.profiles import Profile, load_profile
 from flows.config.request import RunRequest, load_catalog_arg
-from flows.plan.planner import JobPlan, iter_plans, plan_catalog
+from flows.plan.planner import JobPlan, iter_plans
 from storage.store import ArtifactStore, open_store
 
 RequestArg = RunRequest | Mapping[str, Any] | None
@@ -26,11 +26,14 @@ def resolve(profile: str | Profile | None, store: str | None, request: RequestAr
 def prepare_catalog(catalog: str | Path | Catalog | dict[str, Any] | None, profile: str | Profile | None,
                     store: str | None, request: RequestArg = None, on_job: Callable[[JobPlan], None] | None = None
                     ) -> tuple[Profile, ArtifactStore, list[JobPlan], str]:
-    """Plan a catalog (or ``request.video``): the profile, the store, one plan per job and the out folder."""
-    req = RunRequest.coerce(request)
-    prof, st = resolve(profile, store, req)
-    cat = load_catalog_arg(catalog, req)
-    plans = plan_catalog(cat, prof, st, cli_params=req.params, cli_backends=req.backends, on_job=on_job)
+    """Plan a catalog (or ``request.video``): the profile, the store, one plan per job and the out folder (the
+    plans of :func:`stream_catalog`, all made first: tests and small catalogs)."""
+    prof, st, _, stream = stream_catalog(catalog, profile, store, request)
+    plans = []
+    for plan in stream:
+        plans.append(plan)
+        if on_job:
+            on_job(plan)
     return prof, st, plans, prof.out
 
 
