@@ -19,10 +19,14 @@ CSV/Parquet columns are the same field names; ``<stage>.<param>`` columns set pa
 has it: a later row with the same id (or one differing only in case, which would share an output folder on
 macOS) fails, naming both lines, and the first runs.
 
-Catalogs are untrusted text: YAML is parsed once into nodes and refused, before anything is built from it,
-when it is larger than 64 MiB, nested deeper than 64 levels or would expand (aliases counted every time they
-are used) to more than 2 million nodes (:mod:`flows.config.safe_yaml`): a "billion laughs" file of a kilobyte
-fails at once instead of growing to gigabytes in the code that walks it.
+Catalogs are untrusted text: YAML is refused at load, before anything is built from it, when it is larger
+than 64 MiB, nested deeper than 64 levels or would expand (aliases counted every time they are used) to more
+than 2 million nodes (:mod:`flows.config.safe_yaml`): a "billion laughs" file of a kilobyte fails at once
+instead of growing to gigabytes in the code that walks it.
+
+A catalog file is streamed: :func:`load_catalog` checks the whole file and counts its rows, holding none of
+them; :meth:`Catalog.stream` reads the file again and validates row after row, so planning a 10,000-row
+catalog holds about what a 100-row one does (the duplicate-id check keeps one id and line per row).
 """
 
 from __future__ import annotations
@@ -30,13 +34,15 @@ from __future__ import annotations
 import csv
 import json
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from flows.config.catalog_yaml import YamlCatalogError, scan_yaml, yaml_rows
 from flows.config.safe_yaml import MAX_YAML_BYTES, UnsafeYaml, safe_yaml
 
 EditMode = Literal["provided", "instruction", "reference", "sketch", "inpaint"]
@@ -160,15 +166,61 @@ def _printable(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-@dataclass
+Rows = Callable[[], Iterator[tuple[str, dict[str, Any]]]]  # a file's (where, row) pairs, read afresh per call
+Where = str | None
+
+
 class Catalog:
-    path: Path | None
-    entries: list[Job | RowError]  # in file order
-    wheres: dict[str, str] = field(default_factory=dict)  # job id -> "file line N" of a valid row
+    """A catalog's entries in file order: a file re-read (and validated) each time it is streamed, or entries
+    held in memory (``v2v edit``'s one job, a flow's payload, :func:`build_catalog`)."""
+
+    def __init__(self, path: Path | None, entries: list[Job | RowError] | None = None,
+                 wheres: Mapping[str, str] | None = None, *, rows: Rows | None = None, base: Path | None = None,
+                 defaults: Mapping[str, Any] | None = None, count: int = 0) -> None:
+        self.path = path
+        self._rows, self.base, self.defaults = rows, base or Path.cwd(), dict(defaults or {})
+        self._entries = None if rows is not None else list(entries or ())  # a file's: read when asked for
+        self._wheres = dict(wheres or {})  # job id -> "file line N" of a valid row
+        self._count = count if rows is not None else len(self._entries or ())
+
+    def stream(self) -> Iterator[tuple[Where, Job | RowError]]:
+        """``(where, entry)`` pairs in file order, each row validated as it is read (a file is read again on
+        every call; memory holds one row, plus an id and line per row for the duplicate check)."""
+        if self._rows is None:
+            for entry in self._entries or ():
+                yield (entry.where if isinstance(entry, RowError) else self._wheres.get(entry.id)), entry
+            return
+        check = _Checker(self.base, self.defaults)
+        try:
+            for i, (where, row) in enumerate(self._rows()):
+                yield where, check.entry(i, where, row)
+        except YamlCatalogError as exc:  # the file changed since load (CSV and Parquet raise CatalogError)
+            raise CatalogError(str(exc)) from None
+
+    def __len__(self) -> int:
+        """Rows in the catalog (known at load, before any row is validated)."""
+        return self._count
+
+    def __bool__(self) -> bool:  # a catalog is an object, not an empty container, even with no rows
+        return True
+
+    def _materialised(self) -> list[Job | RowError]:
+        # Kept once read: callers of entries/jobs/errors/where want the whole list (reports, small catalogs).
+        if self._entries is None:
+            pairs = list(self.stream())
+            self._wheres = {e.id: w for w, e in pairs if isinstance(e, Job) and w is not None}
+            self._entries = [e for _, e in pairs]
+        return self._entries
+
+    @property
+    def entries(self) -> list[Job | RowError]:
+        """Every entry in file order (a file catalog is read whole, and kept: use :meth:`stream` to plan)."""
+        return self._materialised()
 
     def where(self, job_id: str) -> str | None:
         """Where a valid job's row is (planning errors name it like load errors do)."""
-        return self.wheres.get(job_id)
+        self._materialised()
+        return self._wheres.get(job_id)
 
     @property
     def jobs(self) -> list[Job]:
@@ -186,59 +238,83 @@ class Catalog:
 # ---- reading ----------------------------------------------------------------------------------------
 
 def load_catalog(path: str | Path) -> Catalog:
+    """A file catalog: the whole file checked and its rows counted now, the rows validated when streamed."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CatalogError(f"{path}: no such catalog file")
     suffix = path.suffix.lower()
+    defaults: dict[str, Any] = {}
     if suffix in (".yaml", ".yml"):
-        rows, defaults = _yaml_rows(path)
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise CatalogError(f"{path}: {path.stat().st_size / 1e6:.0f} MB, more than the {MAX_YAML_BYTES >> 20} "
+                               "MiB a YAML catalog may have (split it, or use CSV/Parquet)")
+        try:
+            count, defaults = scan_yaml(path)
+        except YamlCatalogError as exc:
+            raise CatalogError(str(exc)) from None
+        rows: Rows = partial(yaml_rows, path)
     elif suffix == ".csv":
-        rows, defaults = _csv_rows(path), {}
+        count, rows = sum(1 for _ in _csv_rows(path, cells=False)), partial(_csv_rows, path)
     elif suffix in (".parquet", ".pq"):
-        rows, defaults = _parquet_rows(path), {}
+        count, rows = _parquet_count(path), partial(_parquet_rows, path)
     else:
         raise CatalogError(f"{path}: unknown catalog format {suffix!r} (use .yaml, .csv or .parquet)")
-    return build_catalog(rows, base=path.parent, defaults=defaults, source=path)
+    return Catalog(path, rows=rows, base=path.parent, defaults=defaults, count=count)
 
 
 def build_catalog(rows: list[tuple[str, dict[str, Any]]], *, base: Path, defaults: Mapping[str, Any] | None = None,
                   source: Path | None = None) -> Catalog:
-    """Validate ``(where, row)`` pairs; paths relative to ``base``."""
-    entries: list[Job | RowError] = []
-    seen: dict[str, tuple[str, str]] = {}  # casefolded id -> (id, where) of the row that owns it
-    wheres: dict[str, str] = {}
-    for i, (where, row) in enumerate(rows):
+    """Validate ``(where, row)`` pairs into an in-memory catalog; paths relative to ``base``."""
+    check = _Checker(base, defaults or {})
+    entries = [check.entry(i, where, row) for i, (where, row) in enumerate(rows)]
+    wheres = {e.id: where for (where, _), e in zip(rows, entries, strict=True) if isinstance(e, Job)}
+    return Catalog(source, entries, wheres, base=base, defaults=defaults)
+
+
+class _Checker:
+    """Validates rows one at a time. For the duplicate-id rule it keeps, per casefolded id, the first row's line
+    (a number, when its "where" is the file's name and "line N" like the first row's; else the whole text)
+    and, in ``cased``, its id where that differs from the casefolded one."""
+
+    def __init__(self, base: Path, defaults: Mapping[str, Any]) -> None:
+        self.base, self.defaults = base, dict(defaults)
+        self.seen: dict[str, int | str] = {}
+        self.cased: dict[str, str] = {}
+        self.head: str | None = None  # "catalogs/x.yaml line": what every row of a file shares
+
+    def entry(self, i: int, where: str, row: dict[str, Any]) -> Job | RowError:
         job_id = str(row.get("id") or f"row-{i + 1}")
         if "__bad__" in row:
-            entries.append(RowError(job_id, where, "(row)", "a job must be a mapping of fields"))
-            continue
-        merged = _merge(dict(defaults or {}), row)
+            return RowError(job_id, where, "(row)", str(row["__bad__"]))
+        merged = _merge(self.defaults, row)
         for name in PATH_FIELDS:
             if merged.get(name) not in (None, ""):
-                merged[name] = (base / str(merged[name])).resolve() if not Path(str(merged[name])).is_absolute() \
-                    else Path(str(merged[name]))
-        owner = seen.get(job_id.casefold())
-        if owner is not None:
-            same = "" if owner[0] == job_id else f" as {owner[0]!r} apart from case (one output folder on macOS)"
-            first = _where_short(owner[1], where)
-            entries.append(RowError(job_id, where, "id",
-                                    f"duplicate job id {job_id!r}: {first} has it already{same}; only that row runs"))
-            continue
-        seen[job_id.casefold()] = (job_id, where)
+                merged[name] = (self.base / str(merged[name])).resolve() \
+                    if not Path(str(merged[name])).is_absolute() else Path(str(merged[name]))
+        folded = job_id.casefold()
+        first = self.seen.get(folded)
+        if first is not None:
+            owner = self.cased.get(folded, folded)
+            same = "" if owner == job_id else f" as {owner!r} apart from case (one output folder on macOS)"
+            there = _where_short(f"{self.head} {first}" if isinstance(first, int) else first, where)
+            return RowError(job_id, where, "id",
+                            f"duplicate job id {job_id!r}: {there} has it already{same}; only that row runs")
+        head, _, tail = where.rpartition(" ")
+        self.head = head if self.head is None else self.head
+        plain = tail.isascii() and tail.isdigit() and not tail.startswith("0")  # the number prints back as is
+        self.seen[folded] = int(tail) if head == self.head and plain else where
+        if job_id != folded:
+            self.cased[folded] = job_id
         try:
-            job = Job.model_validate(merged)
+            return Job.model_validate(merged)
         except ValidationError as exc:
             err = exc.errors()[0]
             msg = err["msg"].removeprefix("Value error, ")
             field = ".".join(str(p) for p in err["loc"])
             if not field:  # a cross-field check: its message starts with the field's name
-                head, sep, rest = msg.partition(": ")
-                field, msg = (head, rest) if sep and head in (*PATH_FIELDS, "id") else ("(row)", msg)
-            entries.append(RowError(job_id, where, field, msg))
-            continue
-        entries.append(job)
-        wheres[job.id] = where
-    return Catalog(source, entries, wheres)
+                name, sep, rest = msg.partition(": ")
+                field, msg = (name, rest) if sep and name in (*PATH_FIELDS, "id") else ("(row)", msg)
+            return RowError(job_id, where, field, msg)
 
 
 def _where_short(first: str, here: str) -> str:
@@ -257,39 +333,6 @@ def _merge(base: dict[str, Any], row: Mapping[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
-
-
-def _yaml_rows(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, Any]]:
-    if path.stat().st_size > MAX_YAML_BYTES:
-        raise CatalogError(f"{path}: {path.stat().st_size / 1e6:.0f} MB, more than the {MAX_YAML_BYTES >> 20} MiB "
-                           "a YAML catalog may have (split it, or use CSV/Parquet)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise CatalogError(f"{path}: not UTF-8 text (byte {exc.start}): is this a catalog?") from None
-    try:
-        data, node = safe_yaml(text, str(path))
-    except UnsafeYaml as exc:
-        raise CatalogError(str(exc)) from None
-    defaults: dict[str, Any] = {}
-    seq_node = node
-    if isinstance(data, dict):
-        unknown = set(data) - {"jobs", "defaults", "name", "description"}
-        if unknown:
-            raise CatalogError(f"{path}: unknown top-level keys {sorted(unknown)} (expected jobs, defaults)")
-        defaults = data.get("defaults") or {}
-        if not isinstance(defaults, dict):
-            raise CatalogError(f"{path}: 'defaults' must be a mapping")
-        data = data.get("jobs")
-        seq_node = next((v for k, v in node.value if k.value == "jobs"), None)
-    if not isinstance(data, list):
-        raise CatalogError(f"{path}: expected a list of jobs (or a mapping with 'jobs:')")
-    lines = [item.start_mark.line + 1 for item in seq_node.value] if seq_node is not None else []
-    rows = []
-    for i, row in enumerate(data):
-        where = f"{path} line {lines[i] if i < len(lines) else '?'}"
-        rows.append((where, row if isinstance(row, dict) else {"id": f"row-{i + 1}", "__bad__": row}))
-    return rows, defaults
 
 
 def _table_row(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -325,8 +368,8 @@ def _scalar(value: Any) -> Any:
         return value
 
 
-def _csv_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    rows = []
+def _csv_rows(path: Path, cells: bool = True) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Rows as they are read (``cells=False``: raw, for load to count them and check the whole file)."""
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         try:
@@ -335,22 +378,35 @@ def _csv_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
             for raw in reader:
                 if None in raw:  # more cells than header columns: DictReader files them under None
                     raw = {**raw, "(extra cells)": raw.pop(None)}
-                rows.append((f"{path} line {reader.line_num}", _table_row(raw)))
+                yield f"{path} line {reader.line_num}", _table_row(raw) if cells else raw
         except UnicodeDecodeError as exc:
             raise CatalogError(f"{path}: not UTF-8 text (byte {exc.start}): is this a catalog?") from None
         except csv.Error as exc:  # a NUL byte, a cell over csv's field size limit
             raise CatalogError(f"{path} line {reader.line_num}: unreadable CSV ({exc})") from None
-    return rows
 
 
-def _parquet_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
+def _parquet_count(path: Path) -> int:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        with pq.ParquetFile(path) as pf:
+            return pf.metadata.num_rows
     except Exception as exc:
         raise CatalogError(f"{path}: unreadable Parquet file ({exc})") from None
-    return [(f"{path} row {i + 1}", _table_row(raw)) for i, raw in enumerate(table.to_pylist())]
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    import pyarrow.parquet as pq
+
+    i = 0
+    try:
+        with pq.ParquetFile(path) as pf:
+            for batch in pf.iter_batches(batch_size=1024):  # one batch of rows in memory at a time
+                for raw in batch.to_pylist():
+                    i += 1
+                    yield f"{path} row {i}", _table_row(raw)
+    except Exception as exc:
+        raise CatalogError(f"{path} row {i + 1}: unreadable Parquet file ({exc})") from None
 
 
 def single_job(source: str | Path, *, prompt: str, job_id: str | None = None, base: Path | None = None,

@@ -95,8 +95,9 @@ def catalog_payload(catalog: Any) -> CatalogArg:
 
     if catalog.path is not None:
         return str(catalog.path)
-    return {"jobs": [e.model_dump(mode="json") if isinstance(e, Job) else {"error": asdict(e)}
-                     for e in catalog.entries]}
+    pairs = list(catalog.stream())
+    return {"jobs": [e.model_dump(mode="json") if isinstance(e, Job) else {"error": asdict(e)} for _, e in pairs],
+            "wheres": {e.id: w for w, e in pairs if isinstance(e, Job) and w}}  # planning errors name the row
 
 
 def load_catalog_arg(catalog: Any, request: RunRequest) -> Any:
@@ -111,7 +112,7 @@ def load_catalog_arg(catalog: Any, request: RunRequest) -> Any:
         return catalog
     if isinstance(catalog, dict):
         return Catalog(None, [RowError(**e["error"]) if "error" in e else Job.model_validate(e)
-                              for e in catalog.get("jobs", [])])
+                              for e in catalog.get("jobs", [])], catalog.get("wheres"))
     if catalog is None:
         raise ProfileError("no catalog given")
     return load_catalog(Path(catalog))

@@ -45,4 +45,4 @@ def stream_catalog(catalog: str | Path | Catalog | dict[str, Any] | None, profil
     req = RunRequest.coerce(request)
     prof, st = resolve(profile, store, req)
     cat = load_catalog_arg(catalog, req)
-    return prof, st, len(cat.entries), iter_plans(cat, prof, st, cli_params=req.params, cli_backends=req.backends)
+    return prof, st, len(cat), iter_plans(cat, prof, st, cli_params=req.params, cli_backends=req.backends)
