@@ -143,7 +143,7 @@ def child_plan(catalog: str, store: str, kind: str) -> None:
     catalog's rows are parsed whole first): prints seconds (wall and CPU), peak RSS and the RSS after imports."""
     from flows.api import stream_catalog
     from flows.config.profiles import Profile
-    from flows.plan.externals import flush_indexes
+    from flows.plan.fingerprints import flush_indexes
 
     base = peak_rss_mb()
     profile = Profile(name="scale", store=store, backends=OFFLINE, params=KINDS[kind]["params"])

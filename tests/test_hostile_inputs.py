@@ -31,6 +31,7 @@ from flows.api import run_catalog
 from flows.config.catalog import load_catalog
 from flows.config.profiles import LimitsConfig, Profile, load_profile
 from flows.plan import externals as ext_mod
+from flows.plan import fingerprints as fp_mod
 from flows.plan.planner import plan_catalog
 from stages.base import StageInputError
 from stages.ingest import DECODE_STATS, STAGE, IngestParams, read_source, source_ref
@@ -239,7 +240,7 @@ def test_a_frame_replaced_in_place_with_size_and_mtime_kept_is_noticed(tmp_path:
     first = _source_digest(folder, store)
     assert _source_digest(folder, store) == first  # from the index
     target = folder / "00001.bmp"
-    stamp_before = ext_mod.fingerprint("frame", [target])
+    stamp_before = fp_mod.fingerprint("frame", [target])
     st = target.stat()
     time.sleep(0.05)  # inode times move in clock ticks (a few ms): the write below lands in a later one
     changed = frames[1].copy()
@@ -250,9 +251,9 @@ def test_a_frame_replaced_in_place_with_size_and_mtime_kept_is_noticed(tmp_path:
     after = target.stat()
     assert (after.st_size, after.st_mtime_ns, after.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
     assert after.st_ctime_ns != st.st_ctime_ns
-    assert ext_mod.fingerprint("frame", [target]) != stamp_before  # the content was not read: the ctime tells
-    ext_mod.flush_indexes()
-    ext_mod._INDEXES.clear()  # a new process: the index is read from the store
+    assert fp_mod.fingerprint("frame", [target]) != stamp_before  # the content was not read: the ctime tells
+    fp_mod.flush_indexes()
+    fp_mod.forget_indexes()  # a new process: the index is read from the store
     renewed = _source_digest(folder, store)
     assert renewed != first
     assert renewed == source_ref(folder, IngestParams(n_frames=3)).digest  # the true digest of the new bytes

@@ -24,6 +24,7 @@ from conftest import BEAR, encode_mp4
 from flows.config.catalog import load_catalog
 from flows.config.profiles import Profile
 from flows.plan import externals as ext_mod
+from flows.plan import fingerprints as fp_mod
 from flows.plan.calls import make_call
 from flows.plan.planner import plan_catalog
 from flows.run.execute import execute
@@ -200,12 +201,12 @@ def test_index_written_in_batches_and_read_back(tmp_path: Path, monkeypatch: pyt
     store = ArtifactStore(str(tmp_path / "store"))
     catalog = load_catalog(_catalog(tmp_path))
     cold = plan_catalog(catalog, profile, store)
-    ext_mod.flush_indexes()
-    names = store.list_json(ext_mod.INDEX_DIR)
+    fp_mod.flush_indexes()
+    names = store.list_json(fp_mod.INDEX_DIR)
     assert len(names) == 1, names  # one batch document for the catalog, not one per job
-    doc = store.get_json(f"{ext_mod.INDEX_DIR}/{names[0]}.json")
+    doc = store.get_json(f"{fp_mod.INDEX_DIR}/{names[0]}.json")
     assert len(doc["entries"]) == 5  # 3 sources + 2 first frames (two jobs share one)
-    ext_mod._INDEXES.clear()  # what a new process sees
+    fp_mod.forget_indexes()  # what a new process sees
     import stages.ingest as ingest_mod
 
     def no_hashing(ref: SourceRef) -> SourceRef:
@@ -223,11 +224,48 @@ def test_index_written_in_batches_and_read_back(tmp_path: Path, monkeypatch: pyt
 
 def test_many_index_batches_are_merged(tmp_path: Path) -> None:
     store = ArtifactStore(str(tmp_path / "store"))
-    for i in range(ext_mod.MAX_BATCHES + 3):
-        store.put_json(f"{ext_mod.INDEX_DIR}/{i:04d}.json", {"v": ext_mod.INDEX_VERSION, "entries": {f"fp{i}": {
+    for i in range(fp_mod.MAX_BATCHES + 3):
+        store.put_json(f"{fp_mod.INDEX_DIR}/{i:04d}.json", {"v": fp_mod.INDEX_VERSION, "entries": {f"fp{i}": {
             "digest": f"d{i}"}}})
-    index = ext_mod.FingerprintIndex(store)
+    index = fp_mod.FingerprintIndex(store)
     assert index.get("fp3") == {"digest": "d3"}
-    assert len(store.list_json(ext_mod.INDEX_DIR)) == 1
-    again = ext_mod.FingerprintIndex(store)
-    assert all(again.get(f"fp{i}") == {"digest": f"d{i}"} for i in range(ext_mod.MAX_BATCHES + 3))
+    assert len(store.list_json(fp_mod.INDEX_DIR)) == 1
+    again = fp_mod.FingerprintIndex(store)
+    assert all(again.get(f"fp{i}") == {"digest": f"d{i}"} for i in range(fp_mod.MAX_BATCHES + 3))
+
+
+def test_the_index_holds_a_few_batches_not_every_entry(tmp_path: Path) -> None:
+    """A warm plan of a big catalog finds every fingerprint while only a few batch documents stay decoded."""
+    store = ArtifactStore(str(tmp_path / "store"))
+    n = fp_mod.FLUSH_EVERY * (fp_mod.CACHED_BATCHES + 4) + 7
+    writer = fp_mod.FingerprintIndex(store)
+    for i in range(n):
+        writer.put(f"{i:064x}", {"digest": f"d{i}"})
+    writer.flush()
+    assert len(store.list_json(fp_mod.INDEX_DIR)) == fp_mod.CACHED_BATCHES + 5  # full batches are not packed
+    reader = fp_mod.FingerprintIndex(store)  # a new process
+    assert len(reader) == n
+    held = 0
+    for i in range(n):  # in the order they were written, as a re-plan of the same catalog reads them
+        assert reader.get(f"{i:064x}") == {"digest": f"d{i}"}
+        held = max(held, sum(len(b) for b in reader.batches.values()))
+    assert held <= fp_mod.CACHED_BATCHES * fp_mod.FLUSH_EVERY
+    assert reader.get(f"{n:064x}") is None
+    # Out of order too (each miss of the decoded batches reads one document).
+    assert all(reader.get(f"{i:064x}") == {"digest": f"d{i}"} for i in range(n - 1, 0, -997))
+
+
+def test_an_index_entry_is_found_again_in_the_process_that_wrote_it(tmp_path: Path) -> None:
+    """Two jobs on one source: the second finds the first's entry, whether still pending or flushed, and a
+    batch that another planner removed since is only a miss."""
+    store = ArtifactStore(str(tmp_path / "store"))
+    index = fp_mod.FingerprintIndex(store)
+    index.put("a" * 64, {"digest": "da"})
+    assert index.get("a" * 64) == {"digest": "da"}  # pending
+    index.flush()
+    index.batches.clear()  # decoded batches forgotten: found through the prefix directory
+    assert index.get("a" * 64) == {"digest": "da"}
+    for name in store.list_json(fp_mod.INDEX_DIR):
+        store.fs.rm_file(f"{store.root}/{fp_mod.INDEX_DIR}/{name}.json")
+    index.batches.clear()
+    assert index.get("a" * 64) is None

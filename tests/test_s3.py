@@ -56,9 +56,9 @@ def s3() -> Iterator[dict[str, Any]]:
         fs.mkdir(bucket)
         yield {"bucket": bucket, "endpoint": env["AWS_ENDPOINT_URL"], "env": env, "fs": fs}
         # What this process still has to write to the bucket goes while the server is up (not at exit).
-        from flows.plan import externals
+        from flows.plan.fingerprints import flush_indexes
 
-        getattr(externals, "flush_indexes", lambda: None)()
+        flush_indexes()
         s3fs.S3FileSystem.clear_instance_cache()
     server.stop()
 

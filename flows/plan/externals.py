@@ -5,139 +5,29 @@ Keys need only content digests. The source is never decoded here: its input is a
 and decoded on demand (for their pixel digest, then again when a stage that reads them is submitted); the plan
 keeps neither frames nor images.
 
-The fingerprint index (``index/fingerprints/`` in the store) maps file stamps to those digests, so a warm plan
-costs a ``stat`` and a small read per file. A stamp is (size, mtime, ctime, inode, sha256 of the first and
-last 64 KiB: ``storage.stamps``): a file replaced in place with its size and mtime restored (``cp -p``,
-``rsync -t``, ``tar -x``) still moves its ctime, and a file up to 128 KiB (a frame, a mask, a tiny clip) is
-hashed whole. The entries live in batch documents written every ``FLUSH_EVERY`` new entries and at exit (one
-fsync per batch, not per job), read once per process and store.
+The fingerprint index (:mod:`flows.plan.fingerprints`) maps file stamps to those digests, so a warm plan
+costs a ``stat`` per file. A stamp is (size, mtime, ctime, inode, sha256 of the first and last 64 KiB:
+``storage.stamps``): a file replaced in place with its size and mtime restored (``cp -p``, ``rsync -t``,
+``tar -x``) still moves its ctime, and a file up to 128 KiB (a frame, a mask, a tiny clip) is hashed whole.
 """
 
 from __future__ import annotations
 
-import atexit
-import hashlib
-import json
-import logging
-import os
-import posixpath
-import threading
-import time
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from flows.plan.fingerprints import fingerprint, index_for
 from stages.source_io import DecodeLimits
 from storage.keys import array_digest
-from storage.stamps import file_stamp
 from storage.store import ArtifactStore
-
-log = logging.getLogger("v2v.plan")
 
 SOURCE_ARRAYS = ("source",)  # the source stage's external inputs
 MASKS = "source_masks"  # not an input: whether the source reference has masks (ingest's provided_masks)
 IMAGE_FIELDS = {"first_frame_image": "first_frame", "reference_image": "reference", "sketch_image": "sketch",
                 "provided_shape": "shape"}
-INDEX_VERSION = 2  # 2: stamps with ctime, inode and a partial hash; sources keyed by their bytes
-INDEX_DIR = "index/fingerprints"
-FLUSH_EVERY = 512  # new entries per batch document
-MAX_BATCHES = 32  # more batch documents than this are merged into one when the index is read
-
-
-_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode  # json.dumps's, built once
-
-
-def fingerprint(kind: str, paths: list[Path], extra: Any = None) -> str:
-    """What identifies these files' content cheaply (never a digest of the content itself)."""
-    record = [INDEX_VERSION, kind, extra, [[os.path.abspath(p), *file_stamp(p)] for p in paths]]
-    # Names, numbers and hex digests only: plain JSON is canonical here (and 3x cheaper than canonical_json).
-    return hashlib.sha256(_ENCODE(record).encode()).hexdigest()
-
-
-class FingerprintIndex:
-    """fingerprint -> entry for one store, read once per process; new entries are written in batches."""
-
-    def __init__(self, store: ArtifactStore) -> None:
-        self.store = store
-        self.entries: dict[str, dict[str, Any]] | None = None
-        self.pending: dict[str, dict[str, Any]] = {}
-        self.lock = threading.Lock()
-
-    def get(self, fp: str) -> dict[str, Any] | None:
-        with self.lock:
-            if self.entries is None:
-                self.entries = self._load()
-            return self.entries.get(fp)
-
-    def put(self, fp: str, entry: dict[str, Any]) -> None:
-        with self.lock:
-            if self.entries is None:
-                self.entries = self._load()
-            self.entries[fp] = entry
-            self.pending[fp] = entry
-            full = len(self.pending) >= FLUSH_EVERY
-        if full:
-            self.flush()
-
-    def flush(self) -> None:
-        with self.lock:
-            batch, self.pending = self.pending, {}
-        if not batch:
-            return
-        name = f"{time.time_ns()}-{uuid.uuid4().hex[:8]}"
-        try:
-            self.store.put_json(f"{INDEX_DIR}/{name}.json", {"v": INDEX_VERSION, "entries": batch})
-        except Exception as exc:  # a read-only store, say: the index is a cache, so only the next plan pays
-            log.debug("fingerprint index not written (%s)", exc)
-
-    def _load(self) -> dict[str, dict[str, Any]]:
-        names = self.store.list_json(INDEX_DIR)
-        entries: dict[str, dict[str, Any]] = {}
-        for name in names:
-            try:
-                doc = self.store.get_json(f"{INDEX_DIR}/{name}.json", on_damage="quarantine")
-            except Exception as exc:  # damaged and not even movable aside (read-only): rebuilt as needed
-                log.debug("fingerprint index batch %s skipped (%s)", name, exc)
-                continue
-            if isinstance(doc, dict) and doc.get("v") == INDEX_VERSION and isinstance(doc.get("entries"), dict):
-                entries.update(doc["entries"])
-        if len(names) > MAX_BATCHES:
-            self._merge(names, entries)
-        return entries
-
-    def _merge(self, names: list[str], entries: dict[str, dict[str, Any]]) -> None:
-        """One document for many; a planner racing this one loses nothing it wrote after the listing."""
-        try:
-            self.store.put_json(f"{INDEX_DIR}/{time.time_ns()}-{uuid.uuid4().hex[:8]}.json",
-                                {"v": INDEX_VERSION, "entries": entries})
-            for name in names:
-                try:
-                    self.store.fs.rm_file(posixpath.join(self.store.root, INDEX_DIR, f"{name}.json"))
-                except FileNotFoundError:
-                    pass
-        except Exception as exc:
-            log.debug("fingerprint index not merged (%s)", exc)
-
-
-_INDEXES: dict[str, FingerprintIndex] = {}
-_INDEXES_LOCK = threading.Lock()
-
-
-def index_for(store: ArtifactStore) -> FingerprintIndex:
-    with _INDEXES_LOCK:
-        if store.url not in _INDEXES:
-            _INDEXES[store.url] = FingerprintIndex(store)
-        return _INDEXES[store.url]
-
-
-@atexit.register
-def flush_indexes() -> None:
-    """Write every index's pending entries (planning calls it at the end of a catalog; exit does too)."""
-    for index in list(_INDEXES.values()):
-        index.flush()
 
 
 def decode_limits(limits: Any) -> DecodeLimits:
@@ -241,13 +131,3 @@ class JobExternals:
 
     def arrays(self, names: list[str]) -> dict[str, Any]:
         return {n: self.array(n) for n in names}
-
-
-def clear_index(store: ArtifactStore) -> None:
-    """Forget every fingerprint (the next plan hashes sources again)."""
-    with _INDEXES_LOCK:
-        _INDEXES.pop(store.url, None)
-    for sub in ("source", "image", "fingerprints"):  # source/ and image/: the index before version 2
-        path = os.path.join(store.root, "index", sub) if store.local else f"{store.root}/index/{sub}"
-        if store.fs.exists(path):
-            store.fs.rm(path, recursive=True)

@@ -19,7 +19,8 @@ from flows.config.profiles import Profile
 from flows.plan import causes as cz
 from flows.plan.backends import beyond_canvas, candidates, checked_weights, job_facts
 from flows.plan.calls import StageCall, StageKeys, Upstream
-from flows.plan.externals import SOURCE_ARRAYS, JobExternals, decode_limits, flush_indexes
+from flows.plan.externals import SOURCE_ARRAYS, JobExternals, decode_limits
+from flows.plan.fingerprints import flush_indexes
 from stages import DELIVERABLE, PIPELINE, available_stages
 from stages.base import Stage, StageInputError
 from storage.keys import weights_digest
@@ -330,12 +331,11 @@ def iter_plans(catalog: Catalog, profile: Profile, store: ArtifactStore, *,
     flight. Rows that failed validation become failed plans with their reason. The fingerprint index's last
     batch is written when the catalog is exhausted."""
     planner = Planner(profile, store, ordered_stages(stages), cli_params, cli_backends)
-    for entry in catalog.entries:
+    for where, entry in catalog.stream():  # a file catalog is read row by row as the run pulls plans
         if isinstance(entry, RowError):
             yield JobPlan(entry.job_id, None, error=str(entry))
             continue
         plan = planner.plan(entry)
-        where = catalog.where(entry.id)
         if plan.error is not None and where:  # named like a load error: the row's line, then the field
             plan.error = f"{where}: {plan.error}"
         yield plan
