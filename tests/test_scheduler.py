@@ -410,6 +410,33 @@ def test_a_streamed_run_protects_the_jobs_in_flight_and_releases_the_ended(store
     assert book.protected() == set()  # the lease is gone with the run
 
 
+def test_the_lease_keeps_a_shared_key_until_its_last_job_and_releases_cached_ones(store: ArtifactStore) -> None:
+    """Counted protection (``flows.run.lease.ProtectedPlans``, shared with job tasks): a key every job uses stays
+    protected while any of them is in flight, and ended jobs' artifacts, cached ones included, are released."""
+    from flows.run.lease import run_lease
+    from storage.leases import LeaseBook
+
+    plans = [job_plan(f"j{i}", [stage("ingest", f"clip{i}", status="cached"), stage("model", "shared"),
+                                stage("edit", f"edit{i}", ("ingest", "model"))]) for i in range(40)]
+    shared = plans[0].stages["model"].call.ref.path  # type: ignore[union-attr]
+    ex = FakeExecutor(stage_slots=1)
+    book = LeaseBook(store)
+    seen: list[tuple[bool, int]] = []
+    submit = ex.submit
+
+    def watching(job_id: str, sp: StagePlan, externals: dict[str, Any] | None) -> Any:
+        protected = book.protected()
+        seen.append((shared in protected, len(protected)))
+        return submit(job_id, sp, externals)
+
+    ex.submit = watching  # type: ignore[method-assign]
+    with run_lease(store) as lease:
+        report = schedule(Pulled(plans), ex, store, window=4, lease=lease)
+    assert all(j.status == "done" for j in report.jobs)
+    assert seen and all(kept for kept, _ in seen)
+    assert max(n for _, n in seen) <= 1 + 2 * (4 + 4 // 4)  # the jobs in flight and one refill, not 40 jobs
+
+
 def test_an_ended_jobs_arrays_leave_the_process_cache(store: ArtifactStore) -> None:
     """Written behind, an artifact's arrays stay in this process's cache for the next stage; once every job
     that reads them has ended they are dropped, so a long run does not fill the cache with finished work."""

@@ -19,7 +19,6 @@ ended: memory follows the groups in flight and the look-ahead, never the catalog
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures as cf
 import contextlib
 import itertools
@@ -39,6 +38,7 @@ from flows.exports.outputs import OutputsConfig
 from flows.plan.groups import stream_groups
 from flows.plan.planner import JobPlan, StagePlan
 from flows.run.executors import run_stage
+from flows.run.lease import ProtectedPlans
 from flows.run.outcomes import TaskOutcome, outcome_of_future
 from flows.run.results import JobResult, Reporter, RunReport, StageResult
 from flows.run.scheduler import schedule
@@ -171,43 +171,13 @@ def use_job_tasks(total: int, runner: Any) -> bool:
     return runner.kind == "local" and total >= runner.job_tasks_from
 
 
-class _Protection:
-    """The run's lease over the plans pulled and not ended, rewritten once per batch of plans, not per job.
-
-    Refs are counted: a key two groups use (across look-ahead windows) stays protected until both ended."""
-
-    def __init__(self, lease: Any, batch: int) -> None:
-        self.lease, self.batch = lease, batch
-        self.count: collections.Counter[str] = collections.Counter()
-        self.refs: dict[str, Any] = {}
-        self.released: list[Any] = []
-
-    @staticmethod
-    def _refs(plans: Iterable[JobPlan]) -> list[Any]:
-        return [sp.call.ref for plan in plans for sp in plan.stages.values() if sp.call is not None]
-
-    def pulled(self, plans: Iterable[JobPlan]) -> Iterator[JobPlan]:
-        """``plans``, pulled ``batch`` at a time, each batch protected before any of it is yielded."""
-        source = iter(plans)
-        while chunk := list(itertools.islice(source, self.batch)):
-            refs = self._refs(chunk)
-            for ref in refs:
-                self.count[ref.path] += 1
-                self.refs[ref.path] = ref
-            if self.lease is not None:
-                self.lease.protect(refs)
-                gone = [r for r in self.released if not self.count[r.path]]
-                if gone:  # ended jobs' artifacts: their manifests reference them now
-                    self.lease.unprotect(gone)
-            self.released = []
-            yield from chunk
-
-    def ended(self, plans: Iterable[JobPlan]) -> None:
-        for ref in self._refs(plans):
-            self.count[ref.path] -= 1
-            if not self.count[ref.path]:
-                del self.count[ref.path]
-                self.released.append(self.refs.pop(ref.path))
+def _pulled(plans: Iterable[JobPlan], book: ProtectedPlans, batch: int) -> Iterator[JobPlan]:
+    """``plans``, pulled ``batch`` at a time, each batch protected in the run's lease before any of it is yielded
+    (the lease is rewritten once per batch, not per job)."""
+    source = iter(plans)
+    while chunk := list(itertools.islice(source, batch)):
+        book.protect(chunk)
+        yield from chunk
 
 
 def _batched(groups: Iterable[list[tuple[int, JobPlan]]]) -> Iterator[list[tuple[int, JobPlan]]]:
@@ -248,7 +218,7 @@ def run_job_tasks(plans: Iterable[JobPlan], store: ArtifactStore, device: str, s
     shared = _Shared(reporter)
     at_stages, in_flight = bounds(slots)
     pools = _Pools.of(slots)
-    protection = _Protection(lease, max(1, min(window, 4 * settle) // 4))
+    book = ProtectedPlans(lease)
     events: queue.Queue[tuple[str, int]] = queue.Queue()  # ("stages", i): its stages are over; ("end", i)
     futures: dict[int, tuple[Any, list[tuple[int, JobPlan]]]] = {}
     computing: set[int] = set()
@@ -270,17 +240,20 @@ def run_job_tasks(plans: Iterable[JobPlan], store: ArtifactStore, device: str, s
                 res = JobResult(plan.job_id, "failed", error=f"{type(exc).__name__}: {exc}")
                 shared.job_done(res)
                 results.append((rank, res))
-        protection.ended(plan for _, plan in members)  # the plans go with ``members`` here
+        for _, plan in members:  # the plans go with ``members`` here
+            book.ended(plan)
 
     # Its own thread pool (the flow's runner has threads for stage tasks only); task runs still belong to the
     # flow run this is called in.
     with ThreadPoolTaskRunner(max_workers=in_flight) as runner, contextlib.closing(pools):
-        for i, members in enumerate(_batched(stream_groups(protection.pulled(plans), window, settle))):
+        pulled = _pulled(plans, book, max(1, min(window, 4 * settle) // 4))
+        for i, members in enumerate(_batched(stream_groups(pulled, window, settle))):
             group = [plan for _, plan in members]
             if not any(p.ok for p in group):  # rows that failed planning: reported here, no task for them
                 got = jobs_task.fn(group, store, device, outputs, shared, pools)
                 results.extend(zip((r for r, _ in members), got, strict=True))
-                protection.ended(group)
+                for plan in group:
+                    book.ended(plan)
                 continue
             while len(computing) >= at_stages or len(futures) >= in_flight:
                 wait()

@@ -30,11 +30,12 @@ from typing import Any
 from flows.exports.outputs import OutputsConfig
 from flows.plan.planner import JobPlan, StagePlan
 from flows.run.executors import Executor
+from flows.run.lease import ProtectedPlans
 from flows.run.manifest import done_refs, record
 from flows.run.outcomes import BLOCKED, Done, Failed, FailureKind, TaskOutcome, failure_of
 from flows.run.results import JobResult, NullReporter, Reporter, RunReport, StageResult
 from storage.leases import Lease
-from storage.store import ArtifactRef, ArtifactStore
+from storage.store import ArtifactStore
 from storage.write_behind import flush_all, forget_arrays, store_for
 
 
@@ -88,7 +89,7 @@ class Scheduler:
                  reporter: Reporter | None = None, outputs: OutputsConfig | None = None, *,
                  start: float | None = None, window: int | None = None, total: int | None = None,
                  lease: Lease | None = None) -> None:
-        self.executor, self.store, self.outputs, self.lease = executor, store, outputs, lease
+        self.executor, self.store, self.outputs = executor, store, outputs
         self.reporter = reporter or NullReporter()
         self.start = start if start is not None else time.perf_counter()
         self.total = total if total is not None else (len(plans) if isinstance(plans, list | tuple) else None)
@@ -99,7 +100,7 @@ class Scheduler:
         self.keys: dict[str, KeyTask] = {}
         self.jobs: dict[str, JobTask] = {}  # jobs in flight (planned, not ended)
         self.ended: list[tuple[int, JobResult]] = []  # (catalog rank, result) of every job that ended
-        self.released: list[ArtifactRef] = []  # artifacts of ended jobs, unprotected at the next refill
+        self.book = ProtectedPlans(lease)  # the artifacts of the jobs in flight, protected from gc
         self.failed: dict[str, Failed] = {}  # keys that failed for jobs that have ended (the run's failures only)
         self.ready: list[tuple[int, int, str]] = []  # (job rank, arrival, key): a heap
         self.arrival = itertools.count()
@@ -148,12 +149,7 @@ class Scheduler:
                 self.source = None
                 break
             pulled.append(JobTask(plan, next(self.ranks), JobResult(plan.job_id)))
-        if self.lease is not None:
-            self.lease.protect(sp.call.ref for job in pulled for sp in job.plan.stages.values() if sp.call)
-            if self.released:
-                live = {sp.key for job in [*self.jobs.values(), *pulled] for sp in job.plan.stages.values()}
-                self.lease.unprotect(r for r in self.released if r.key not in live)
-                self.released = []
+        self.book.protect(job.plan for job in pulled)
         for job in pulled:
             self.reporter.job_planned(job.plan)
             if not job.plan.ok:  # refused at load or planning: reported on its own, never in ``jobs``
@@ -385,8 +381,7 @@ class Scheduler:
                 gone.append(sp.key)
                 if task.state is KeyState.FAILED and isinstance(task.outcome, Failed):
                     self.failed[sp.key] = task.outcome
-                if sp.call is not None:
-                    self.released.append(sp.call.ref)
+        self.book.ended(job.plan)
         forget_arrays(gone)  # this process's copies of them: memory follows the jobs in flight
 
 
