@@ -214,3 +214,36 @@ def test_a_plan_stream_is_pulled_as_the_groups_go(tmp_path: Path, prefect_server
     # The lease was given the plans' artifacts in batches as they were pulled, not all at once.
     assert len(protected) > 1 and sum(protected) == sum(len(p.stages) for p in plans)
     assert rec.totals == [n] and len(rec.task_runs) == n
+
+
+class LinkCounter(Recorder):
+    """Also counts, at each job's end, the result links Prefect holds in the flow run's context."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[int] = []
+
+    def job_done(self, result: JobResult) -> None:
+        from prefect.context import FlowRunContext
+
+        super().job_done(result)
+        ctx = FlowRunContext.get()
+        if ctx is not None:
+            self.links.append(len(ctx.run_results))
+
+
+def test_a_flow_run_does_not_keep_every_task_result(tmp_path: Path, prefect_server: str) -> None:
+    """Prefect links each task result to its state for the rest of the flow run; v2v never passes results
+    between tasks, so it drops them once read: what the flow holds follows the tasks in flight, not the jobs."""
+    cat = write_catalog(tmp_path)
+    prof = offline_profile(tmp_path / "out")
+    run_catalog(cat, profile=prof, store=str(tmp_path / "store"), orchestrator="inline")  # everything cached next
+    stage_prof = prof.model_copy(update={"runner": RunnerConfig(prefect_tasks="stage", max_workers=1)})
+    rec = LinkCounter()
+    report, plans = run_catalog(cat, profile=stage_prof, store=str(tmp_path / "store"), reporter=rec,
+                                skip_when_cached=False)
+    assert report.orchestrator.startswith("prefect") and [j.status for j in report.jobs] == ["cached"] * 3
+    stage_tasks = sum(len(p.stages) for p in plans)  # one task per stage and an export per job, all read
+    assert len(rec.links) == 3 and stage_tasks >= 20
+    # At the last job's end every task has ended: without the clean-up Prefect would still hold all of them.
+    assert rec.links[-1] < stage_tasks // 3, rec.links

@@ -35,6 +35,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
 from flows.exports.outputs import OutputsConfig
+from flows.orchestrate import prefect_env
 from flows.plan.groups import stream_groups
 from flows.plan.planner import JobPlan, StagePlan
 from flows.run.executors import run_stage
@@ -234,6 +235,7 @@ def run_job_tasks(plans: Iterable[JobPlan], store: ArtifactStore, device: str, s
         future, members = futures.pop(i)
         try:
             got = future.result()
+            prefect_env.forget_result_links(got)
             results.extend(zip((r for r, _ in members), got, strict=True))
         except Exception as exc:  # the task itself broke (a stage's failure is a result, not an exception)
             for rank, plan in members:

@@ -201,3 +201,24 @@ def stop_server() -> None:
         # would make Prefect create fresh workers, and a fresh temporary server for them.
         _SERVER.stop()
         _SERVER = None
+
+
+def forget_result_links(result: Any) -> None:
+    """Drop the flow run's links from a task's result to its state, once the result is read.
+
+    Prefect records every task result, and each item of one, in ``FlowRunContext.run_results`` (id -> a copy of
+    the task's state), so that a result passed to a later task marks that task as downstream. v2v passes keys
+    between tasks, never results, and the entries of results that cannot be weakly referenced (dicts, lists,
+    slots dataclasses) are never evicted: a 1,000-job run would hold one per stage task (~60 MB here)."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    if ctx is None:
+        return
+    items = [result]
+    if isinstance(result, dict):
+        items += [*result.keys(), *result.values()]
+    elif isinstance(result, list | tuple | set):
+        items += list(result)
+    for item in items:
+        ctx.run_results.pop(id(item), None)

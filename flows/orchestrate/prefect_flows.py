@@ -165,7 +165,9 @@ class PrefectExecutor:
         handle.wait()
         state = handle.state
         if state.is_completed():
-            return Done(handle.result())
+            result = handle.result()
+            prefect_env.forget_result_links(result)
+            return Done(result)
         # A task whose upstream failed never starts (Prefect leaves it Pending / NotReady).
         if not state.is_final() or state.name == "NotReady" or "upstream" in str(state.message or "").lower():
             return BLOCKED
