@@ -209,7 +209,7 @@ def forget_result_links(result: Any) -> None:
     Prefect records every task result, and each item of one, in ``FlowRunContext.run_results`` (id -> a copy of
     the task's state), so that a result passed to a later task marks that task as downstream. v2v passes keys
     between tasks, never results, and the entries of results that cannot be weakly referenced (dicts, lists,
-    slots dataclasses) are never evicted: a 1,000-job run would hold one per stage task (~60 MB here)."""
+    slots dataclasses) are never evicted: a long run would hold one for every item of every result it read."""
     from prefect.context import FlowRunContext
 
     ctx = FlowRunContext.get()

@@ -149,7 +149,7 @@ class Scheduler:
                 self.source = None
                 break
             pulled.append(JobTask(plan, next(self.ranks), JobResult(plan.job_id)))
-        self.book.protect(job.plan for job in pulled)
+        self.book.protect(job.plan for job in pulled if job.plan.ok)  # a refused plan ends below, never in flight
         for job in pulled:
             self.reporter.job_planned(job.plan)
             if not job.plan.ok:  # refused at load or planning: reported on its own, never in ``jobs``
